@@ -1,0 +1,21 @@
+// Warp-level helpers shared by kernels. Device-only, torch-free.
+#pragma once
+
+#include <cstdint>
+
+namespace indexcache {
+
+constexpr int kWarpSize = 32;
+
+// Max over groups of `kGroup` consecutive lanes (a power of two <= 32); every lane of a group
+// gets the group's value.
+template <int kGroup>
+__device__ __forceinline__ float group_max(float v) {
+#pragma unroll
+  for (int offset = kGroup / 2; offset > 0; offset /= 2) {
+    v = fmaxf(v, __shfl_xor_sync(0xFFFFFFFFu, v, offset));
+  }
+  return v;
+}
+
+}  // namespace indexcache

@@ -1,0 +1,127 @@
+// Argument checks shared by every op. Each message names the op, the argument, what was expected
+// and what came, so a framework engineer can fix the call without reading this code.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/MemoryOverlap.h>
+
+#include <sstream>
+#include <string>
+
+namespace indexcache::ops {
+
+class ArgCheck {
+ public:
+  explicit ArgCheck(const char* op) : op_(op) {}
+
+  // dtype and rank in one go: almost every argument needs both.
+  void tensor(const char* name, const at::Tensor& t, at::ScalarType dtype, int64_t dim) const {
+    TORCH_CHECK(t.defined(), prefix(name), "must be a tensor, got None");
+    TORCH_CHECK(t.scalar_type() == dtype, prefix(name), "must have dtype ", dtype, ", got ",
+                t.scalar_type());
+    TORCH_CHECK(t.dim() == dim, prefix(name), "must have ", dim, " dimensions, got ", t.dim(),
+                " (shape ", t.sizes(), ")");
+  }
+
+  void size(const char* name, const at::Tensor& t, int64_t d, int64_t want,
+            const char* meaning) const {
+    TORCH_CHECK(t.size(d) == want, prefix(name), "dimension ", d, " must be ", meaning, " = ",
+                want, ", got ", t.size(d), " (shape ", t.sizes(), ")");
+  }
+
+  void shape(const char* name, const at::Tensor& t, at::IntArrayRef want) const {
+    TORCH_CHECK(t.sizes() == want, prefix(name), "must have shape ", want, ", got ", t.sizes());
+  }
+
+  // `what` names the quantity when it is a dimension of a tensor argument ("heads (dimension 1)").
+  template <size_t N>
+  void one_of(const char* name, const char* what, int64_t value, const int (&allowed)[N]) const {
+    for (int a : allowed) {
+      if (value == a) return;
+    }
+    std::ostringstream list;
+    for (size_t i = 0; i < N; ++i) list << (i ? ", " : "") << allowed[i];
+    TORCH_CHECK(false, prefix(name), what, what[0] ? " " : "", "must be one of {", list.str(),
+                "}, got ", value);
+  }
+
+  void in_range(const char* name, int64_t value, int64_t lo, int64_t hi) const {
+    TORCH_CHECK(value >= lo && value <= hi, prefix(name), "must be in [", lo, ", ", hi, "], got ",
+                value);
+  }
+
+  void contiguous(const char* name, const at::Tensor& t) const {
+    TORCH_CHECK(t.is_contiguous(), prefix(name), "must be contiguous, got strides ", t.strides(),
+                " for shape ", t.sizes());
+  }
+
+  // Row-major rows with a possibly padded row stride: what TMA and vector loads need.
+  void unit_column_stride(const char* name, const at::Tensor& t) const {
+    TORCH_CHECK(t.size(1) <= 1 || t.stride(1) == 1, prefix(name),
+                "must have unit stride in its last dimension, got strides ", t.strides());
+    TORCH_CHECK(t.size(0) <= 1 || t.stride(0) >= t.size(1), prefix(name),
+                "rows must not overlap: row stride ", t.stride(0), " < row length ", t.size(1));
+  }
+
+  void same_device(const char* name, const at::Tensor& t, const at::Tensor& ref,
+                   const char* ref_name) const {
+    TORCH_CHECK(t.device() == ref.device(), prefix(name), "must be on the same device as '",
+                ref_name, "' (", ref.device(), "), got ", t.device());
+  }
+
+  // The caller-provided output must not alias an input the op reads while writing it.
+  void no_overlap(const char* name, const at::Tensor& out, const at::Tensor& in,
+                  const char* in_name) const {
+    TORCH_CHECK(at::has_internal_overlap(out) != at::MemOverlap::Yes, prefix(name),
+                "must not overlap itself, got strides ", out.strides());
+    // TooHard (strided views) counts as overlap only within one storage.
+    const bool shares_storage = out.numel() > 0 && in.numel() > 0 &&
+                                out.storage().is_alias_of(in.storage());
+    TORCH_CHECK(!shares_storage || at::get_overlap_status(out, in) == at::MemOverlapStatus::No,
+                prefix(name), "must not overlap '", in_name, "'");
+  }
+
+  // A caller-provided output: exact dtype and shape, on the inputs' device. Matrices may have
+  // padded rows (the kernels take a row stride); everything else must be contiguous.
+  void output(const char* name, const at::Tensor& out, at::ScalarType dtype, at::IntArrayRef shape,
+              const at::Tensor& ref, const char* ref_name) const {
+    tensor(name, out, dtype, static_cast<int64_t>(shape.size()));
+    this->shape(name, out, shape);
+    same_device(name, out, ref, ref_name);
+    if (shape.size() == 2) {
+      unit_column_stride(name, out);
+    } else {
+      contiguous(name, out);
+    }
+  }
+
+  // Value checks read the data, so they run on CPU tensors only: on CUDA they would synchronise
+  // the host, and the kernels clamp windows and mask bad indices instead (documented per op).
+  void windows_cpu(const char* start_name, const at::Tensor& starts, const char* end_name,
+                   const at::Tensor& ends, int64_t limit) const {
+    if (!starts.is_cpu()) return;
+    const int32_t* s = starts.data_ptr<int32_t>();
+    const int32_t* e = ends.data_ptr<int32_t>();
+    for (int64_t i = 0; i < starts.numel(); ++i) {
+      TORCH_CHECK(s[i] >= 0 && s[i] <= e[i] && e[i] <= limit, prefix(start_name), "and '",
+                  end_name, "' must satisfy 0 <= ", start_name, " <= ", end_name, " <= ", limit,
+                  ", got [", s[i], ", ", e[i], ") at row ", i);
+    }
+  }
+
+  std::string prefix(const char* name) const {
+    return std::string("indexcache::") + op_ + ": argument '" + name + "' ";
+  }
+
+ private:
+  const char* op_;
+};
+
+// An undefined `out` means: allocate it. The functional and `.out` schemas share one entry point
+// per op, so validation always runs before any size is read for an allocation.
+inline at::Tensor output_or_new(const at::Tensor& out, at::IntArrayRef shape, const at::Tensor& like,
+                                at::ScalarType dtype) {
+  return out.defined() ? out : at::empty(shape, like.options().dtype(dtype));
+}
+
+}  // namespace indexcache::ops
