@@ -20,6 +20,7 @@ from .ops import (
     sparse_mla_prefill,
     topk,
 )
+from .reuse import PAGE_SIZE, IndexCache, IndexCacheConfig
 from .version import __version__
 
 
@@ -29,6 +30,9 @@ def build_info() -> dict:
 
 
 __all__ = [
+    "PAGE_SIZE",
+    "IndexCache",
+    "IndexCacheConfig",
     "__version__",
     "build_info",
     "indexer_k_quant_and_cache",

@@ -21,7 +21,7 @@ _ops = torch.ops.indexcache
 
 MLA_DIM_LATENT = 512
 MLA_DIM_QK = 576
-PAGE_SIZE = 64
+PAGE_SIZE = 64  # tokens per page of every paged cache (DeepGEMM's and FlashMLA's layout)
 
 
 def indexer_logits(
