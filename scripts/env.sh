@@ -5,6 +5,11 @@ set -euo pipefail
 
 repo_root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 venv="${INDEXCACHE_VENV:-$repo_root/.venv}"
+# Python 3.12 as on the GPU machine; under pyenv its shim needs the version selected first.
+if [ -z "${PYTHON:-}" ] && command -v pyenv >/dev/null 2>&1; then
+  pyenv_312=$(pyenv versions --bare 2>/dev/null | grep -E '^3\.12(\.|$)' | tail -n 1 || true)
+  if [ -n "$pyenv_312" ]; then export PYENV_VERSION="$pyenv_312"; fi
+fi
 python_bin="${PYTHON:-python3.12}"
 
 if [ ! -x "$venv/bin/python" ]; then
