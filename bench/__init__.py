@@ -1,0 +1,1 @@
+"""Benchmarks of indexcache-ops: `python -m bench` runs them all (see bench/NOTES.md)."""

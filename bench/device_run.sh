@@ -1,0 +1,140 @@
+#!/usr/bin/env bash
+# The one script the lent GPU runs (device tool, from the repo root): carried wheels -> in-place
+# build -> GPU tests -> optional compute-sanitizer -> benchmarks; the bench summary and a stage
+# table print last, because the reply carries only the end of the output.
+#
+#   INDEXCACHE_COMMIT=<sha>[-dirty] BENCH=headline bash bench/device_run.sh
+#
+# Stages, chosen by environment variables so that one call does only what is needed:
+#   BUILD=1|0                  build the extension in place (default 1; a warm machine keeps build/)
+#   TESTS=gpu|all|none         pytest -m gpu, the whole suite, or nothing (default gpu)
+#   TEST_ARGS="..."            extra pytest words, e.g. "-k topk -x"
+#   SANITIZE=0|1               compute-sanitizer over the GPU tests (default 0)
+#   SANITIZE_TOOLS="..."       default "memcheck racecheck"
+#   SANITIZE_K="expr"          pytest -k expression naming the ops to sanitise (default: all)
+#   BENCH=headline|sweep|none  benchmark shapes (default headline)
+#   BENCH_ARGS="..."           extra python -m bench words, e.g. "--families topk --budget 0.5"
+#   INDEXCACHE_COMMIT          the commit the JSON records (the device copy has no .git)
+# Everything lands in $OUT: env.log build.log tests.log sanitize.log bench.log and one JSON per
+# benchmark family (8 files at most come back; logs are capped at 15 MB, keeping their ends).
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+OUT=${OUT:-$PWD/device_out}
+BUILD=${BUILD:-1}
+TESTS=${TESTS:-gpu}
+SANITIZE=${SANITIZE:-0}
+SANITIZE_TOOLS=${SANITIZE_TOOLS:-memcheck racecheck}
+SANITIZE_K=${SANITIZE_K:-}
+BENCH=${BENCH:-headline}
+PY=${PYTHON:-python3}
+read -ra test_args <<<"${TEST_ARGS:-}"
+read -ra bench_args <<<"${BENCH_ARGS:-}"
+export PYTHONUNBUFFERED=1
+mkdir -p "$OUT"
+
+stages=()
+failed=0
+started=$SECONDS
+
+# stage NAME LOG CMD...: run CMD with its output appended to $OUT/LOG; record rc, seconds and the
+# log's last line; on failure show the log's tail. Returns CMD's status.
+stage() {
+  local name=$1 log=$2 start=$SECONDS rc=0
+  shift 2
+  echo "--- $name: $*" | tee -a "$OUT/$log"
+  "$@" >>"$OUT/$log" 2>&1 || rc=$?
+  local last
+  last=$(grep -v '^[[:space:]]*$' "$OUT/$log" | tail -n 1 | cut -c1-110)
+  stages+=("$(printf '%-10s %-7s %5ds  %-13s %s' "$name" "$([ "$rc" = 0 ] && echo ok || echo "rc=$rc")" \
+    $((SECONDS - start)) "$log" "$last")")
+  if [ "$rc" != 0 ]; then
+    failed=1
+    echo "--- $name FAILED (rc=$rc); last lines of $log:"
+    tail -n 40 "$OUT/$log"
+  fi
+  return "$rc"
+}
+
+finish() {
+  local rc=$?
+  for log in "$OUT"/*.log; do
+    if [ -f "$log" ] && [ "$(stat -c %s "$log")" -gt 15000000 ]; then
+      tail -c 15000000 "$log" >"$log.cut" && mv "$log.cut" "$log"
+    fi
+  done
+  if [ -f "$OUT/bench.log" ]; then
+    echo
+    sed -n '/^=== summary/,$p' "$OUT/bench.log"
+  fi
+  echo
+  echo "=== stages ($((SECONDS - started)) s; files in \$OUT: $(cd "$OUT" && ls | tr '\n' ' '))"
+  printf '%s\n' "${stages[@]+"${stages[@]}"}"
+  [ "$rc" = 0 ] && rc=$failed
+  exit "$rc"
+}
+trap finish EXIT
+
+# Toolkit: torch's cu130 build wants nvcc 13.0; the image keeps it under /usr/local/cuda.
+if [ -z "${CUDA_HOME:-}" ]; then
+  if [ -x /usr/local/cuda/bin/nvcc ]; then
+    CUDA_HOME=/usr/local/cuda
+  elif command -v nvcc >/dev/null; then
+    CUDA_HOME=$(dirname "$(dirname "$(command -v nvcc)")")
+  fi
+fi
+if [ -n "${CUDA_HOME:-}" ]; then
+  export CUDA_HOME PATH="$CUDA_HOME/bin:$PATH"
+fi
+
+{
+  date -u
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm,power.limit,temperature.gpu \
+    --format=csv || true
+  echo "CUDA_HOME=${CUDA_HOME:-unset}"
+  nvcc --version | tail -n 2 || true
+  "$PY" -c 'import sys, torch; print(sys.executable, torch.__version__, torch.version.cuda, torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA device")'
+  echo "cores: $(nproc)  commit: ${INDEXCACHE_COMMIT:-unset}"
+} >"$OUT/env.log" 2>&1 || true
+cat "$OUT/env.log"
+
+# Carried wheels (e.g. nvidia-cutlass 4.2.0.0: CMake imports cutlass_library to find its headers).
+if compgen -G ".whl/*.whl" >/dev/null; then
+  stage wheels build.log "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+    --upgrade --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+
+if [ "$BUILD" = 1 ]; then
+  # setup.py drives CMake (build/temp.*/cmake, incremental on a warm machine); --inplace puts
+  # indexcache_ops/_C*.so beside the sources, which `python3 -m ...` from the repo root imports.
+  stage build build.log env MAX_JOBS="$(nproc)" "$PY" setup.py build_ext --inplace || exit 1
+  stage import build.log "$PY" -c \
+    "import indexcache_ops, json; print(json.dumps(indexcache_ops.build_info()))" || exit 1
+fi
+
+case "$TESTS" in
+  gpu) stage tests tests.log "$PY" -m pytest tests -m gpu -q -ra ${test_args[@]+"${test_args[@]}"} || true ;;
+  all) stage tests tests.log "$PY" -m pytest tests -q -ra ${test_args[@]+"${test_args[@]}"} || true ;;
+  none) ;;
+  *) echo "TESTS must be gpu, all or none, not '$TESTS'"; exit 2 ;;
+esac
+
+if [ "$SANITIZE" = 1 ]; then
+  k_args=()
+  [ -n "$SANITIZE_K" ] && k_args=(-k "$SANITIZE_K")
+  for tool in $SANITIZE_TOOLS; do
+    # No caching allocator under the sanitizer: each tensor is its own allocation, so an
+    # out-of-bounds access past a tensor is caught instead of landing in a pooled neighbour.
+    stage "$tool" sanitize.log env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
+      compute-sanitizer --tool "$tool" --error-exitcode 1 --print-limit 20 \
+      "$PY" -m pytest tests -m gpu -q -x -p no:cacheprovider ${k_args[@]+"${k_args[@]}"} || true
+  done
+fi
+
+case "$BENCH" in
+  headline) stage bench bench.log "$PY" -m bench --out "$OUT" ${bench_args[@]+"${bench_args[@]}"} || true ;;
+  sweep) stage bench bench.log "$PY" -m bench --sweep --out "$OUT" ${bench_args[@]+"${bench_args[@]}"} || true ;;
+  none) ;;
+  *) echo "BENCH must be headline, sweep or none, not '$BENCH'"; exit 2 ;;
+esac
