@@ -19,24 +19,15 @@ from typing import Any
 import torch
 
 from . import ops
+from .layers import check_int, check_pattern, check_stage_starts
 from .ops import PAGE_SIZE
 
 __all__ = ["IndexCacheConfig", "IndexCache", "PAGE_SIZE"]
 
-def _int(name: str, value: Any, minimum: int) -> int:
-    # bool is an Integral, but `index_topk_freq: true` in a config is a mistake, not 1.
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise ValueError(
-            f"{name}: expected an int >= {minimum}, got {value!r} ({type(value).__name__})")
-    if value < minimum:
-        raise ValueError(f"{name}: expected an int >= {minimum}, got {int(value)}")
-    return int(value)
-
-
 def _int_sequence(name: str, value: Any) -> tuple[int, ...]:
     if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
         raise ValueError(f"{name}: expected a sequence of ints, got {value!r}")
-    return tuple(_int(f"{name}[{i}]", v, 0) for i, v in enumerate(value))
+    return tuple(check_int(f"{name}[{i}]", v, 0) for i, v in enumerate(value))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,14 +77,14 @@ class IndexCacheConfig:
             # Frozen: normalised and derived values are written once, here.
             object.__setattr__(self, name, value)
 
-        n = _int("num_hidden_layers", self.num_hidden_layers, 1)
+        n = check_int("num_hidden_layers", self.num_hidden_layers, 1)
         put("num_hidden_layers", n)
         put("index_skip_topk_offset",
-            _int("index_skip_topk_offset", self.index_skip_topk_offset, 1))
+            check_int("index_skip_topk_offset", self.index_skip_topk_offset, 1))
         if self.index_topk_freq is not None:
-            put("index_topk_freq", _int("index_topk_freq", self.index_topk_freq, 1))
+            put("index_topk_freq", check_int("index_topk_freq", self.index_topk_freq, 1))
         if self.index_topk_pattern is not None:
-            self._check_pattern(self.index_topk_pattern, n)
+            check_pattern(self.index_topk_pattern, n)
         if self.indexer_types is not None:
             put("indexer_types", self._check_types(self.indexer_types, n))
 
@@ -118,7 +109,7 @@ class IndexCacheConfig:
             sources.append(last_full)
         put("_sources", tuple(sources))
 
-        n_mtp = _int("num_nextn_predict_layers", self.num_nextn_predict_layers, 0)
+        n_mtp = check_int("num_nextn_predict_layers", self.num_nextn_predict_layers, 0)
         put("num_nextn_predict_layers", n_mtp)
         if self.mtp_layer_ids is None:
             put("_mtp", tuple(range(n, n + n_mtp)))
@@ -136,26 +127,6 @@ class IndexCacheConfig:
 
         if self.pipeline_stage_starts is not None:
             put("pipeline_stage_starts", self._check_stages(self.pipeline_stage_starts))
-
-    @staticmethod
-    def _check_pattern(pattern: Any, n: int) -> None:
-        if not isinstance(pattern, str):
-            raise ValueError(
-                f"index_topk_pattern: expected a string of 'F'/'S', got {pattern!r} "
-                f"({type(pattern).__name__})")
-        if len(pattern) != n:
-            raise ValueError(
-                f"index_topk_pattern: expected one character per layer "
-                f"(num_hidden_layers = {n}), got length {len(pattern)}")
-        bad = next(((i, c) for i, c in enumerate(pattern) if c not in "FS"), None)
-        if bad is not None:
-            raise ValueError(
-                f"index_topk_pattern: expected only 'F' and 'S', got {bad[1]!r} at position "
-                f"{bad[0]}")
-        if pattern[0] != "F":
-            raise ValueError(
-                f"index_topk_pattern: expected layer 0 to be 'F' (it has no layer to reuse), "
-                f"got {pattern[0]!r}")
 
     @staticmethod
     def _check_types(types: Any, n: int) -> tuple[str, ...]:
@@ -179,14 +150,7 @@ class IndexCacheConfig:
         return types
 
     def _check_stages(self, starts: Any) -> tuple[int, ...]:
-        starts = _int_sequence("pipeline_stage_starts", starts)
-        if not starts or starts[0] != 0:
-            starts = (0,) + starts
-        n = self.num_hidden_layers
-        if any(b <= a for a, b in zip(starts, starts[1:])) or starts[-1] >= n:
-            raise ValueError(
-                f"pipeline_stage_starts: expected strictly increasing layer ids in [0, {n}), "
-                f"got {starts}")
+        starts = check_stage_starts(starts, self.num_hidden_layers)
         for stage, first in enumerate(starts):
             if self._pattern[first] != "F":
                 raise ValueError(
@@ -313,11 +277,11 @@ class IndexCacheConfig:
             raise ValueError(
                 f"indexer_k_cache_bytes_saved: expected exactly one of context_len and "
                 f"num_blocks, got context_len={context_len!r}, num_blocks={num_blocks!r}")
-        head_dim = _int("head_dim", head_dim, 1)
+        head_dim = check_int("head_dim", head_dim, 1)
         if num_blocks is not None:
-            pages = _int("num_blocks", num_blocks, 0)
+            pages = check_int("num_blocks", num_blocks, 0)
         else:
-            pages = math.ceil(_int("context_len", context_len, 0) / PAGE_SIZE)
+            pages = math.ceil(check_int("context_len", context_len, 0) / PAGE_SIZE)
         return self.num_shared * pages * PAGE_SIZE * (head_dim + 4)
 
     # ---- pipeline stages -----------------------------------------------------------------------
@@ -329,7 +293,7 @@ class IndexCacheConfig:
 
     def stage_layers(self, stage: int) -> tuple[int, ...]:
         """Layer ids of pipeline stage ``stage``; the last stage also holds the MTP layers."""
-        stage = _int("stage", stage, 0)
+        stage = check_int("stage", stage, 0)
         if stage >= self.num_stages:
             raise ValueError(f"stage: expected an int in [0, {self.num_stages}), got {stage}")
         starts = self.pipeline_stage_starts or (0,)
@@ -386,14 +350,14 @@ class IndexCache:
             raise ValueError(
                 f"config: expected an IndexCacheConfig, got {type(config).__name__}")
         self.config = config
-        self.max_tokens = _int("max_tokens", max_tokens, 1)
-        self.topk = _int("topk", topk, 1)
-        self.max_batch = None if max_batch is None else _int("max_batch", max_batch, 1)
-        self.max_next_n = None if max_next_n is None else _int("max_next_n", max_next_n, 1)
+        self.max_tokens = check_int("max_tokens", max_tokens, 1)
+        self.topk = check_int("topk", topk, 1)
+        self.max_batch = None if max_batch is None else check_int("max_batch", max_batch, 1)
+        self.max_next_n = None if max_next_n is None else check_int("max_next_n", max_next_n, 1)
         decode_rows = self.max_batch * (self.max_next_n or 1) if self.max_batch else 0
         self.capacity = max(self.max_tokens, decode_rows)
         self.device = torch.device(device) if device is not None else torch.get_default_device()
-        self.stage = None if stage is None else _int("stage", stage, 0)
+        self.stage = None if stage is None else check_int("stage", stage, 0)
         self.layers = config.layers if stage is None else config.stage_layers(stage)
         self._buffers = {
             layer: torch.full((self.capacity, self.topk), -1, dtype=torch.int32,
@@ -449,7 +413,7 @@ class IndexCache:
         return view
 
     def _rows(self, kind: str, layer: int, row_offset: Any, rows: int) -> torch.Tensor:
-        row_offset = _int("row_offset", row_offset, 0)
+        row_offset = check_int("row_offset", row_offset, 0)
         if row_offset + rows > self.capacity:
             raise ValueError(
                 f"IndexCache.{kind}: expected row_offset + rows <= capacity {self.capacity} "
