@@ -136,6 +136,16 @@ def indexer_topk_paged(
     return out
 
 
+def _allocate_attention_outputs(op: str, out: Optional[Tensor], lse: Optional[Tensor]) -> bool:
+    """True when the op should allocate; a lone ``out`` or ``lse`` is refused, since the kernel
+    writes both."""
+    if (out is None) != (lse is None):
+        given, missing = ("out", "lse") if lse is None else ("lse", "out")
+        raise RuntimeError(f"indexcache::{op}: argument '{missing}' must be given together with "
+                           f"'{given}' (both or neither)")
+    return out is None
+
+
 def sparse_mla_prefill(
     q: Tensor, kv: Tensor, indices: Tensor, sm_scale: float, d_v: int = MLA_DIM_LATENT,
     *, out: Optional[Tensor] = None, lse: Optional[Tensor] = None,
@@ -156,7 +166,7 @@ def sparse_mla_prefill(
         ``(out, lse)``; lse is the natural log of the softmax denominator. A query with no valid
         index gets ``out = 0`` and ``lse = -inf``.
     """
-    if out is None and lse is None:
+    if _allocate_attention_outputs("sparse_mla_prefill", out, lse):
         return _ops.sparse_mla_prefill(q, kv, indices, sm_scale, d_v)
     _ops.sparse_mla_prefill.out(q, kv, indices, sm_scale, d_v, out=out, lse=lse)
     return out, lse
@@ -180,7 +190,7 @@ def sparse_mla_decode(
     Returns:
         ``(out, lse)`` as :func:`sparse_mla_prefill`.
     """
-    if out is None and lse is None:
+    if _allocate_attention_outputs("sparse_mla_decode", out, lse):
         return _ops.sparse_mla_decode(q, kv_cache, indices, block_table, sm_scale, d_v)
     _ops.sparse_mla_decode.out(q, kv_cache, indices, block_table, sm_scale, d_v, out=out, lse=lse)
     return out, lse

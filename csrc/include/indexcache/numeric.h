@@ -95,13 +95,15 @@ INDEXCACHE_HOST_DEVICE uint32_t topk_order_key(float x) {
 }
 
 // Scale that maps a block's largest magnitude amax onto 448; values are stored as
-// float_to_e4m3(x / scale). pow2 rounds the scale up to a power of two (DeepSeek-V3.2's UE8M0
-// scales), computed exactly with frexp: exp2(ceil(log2(s))) can round a value just above 2^e
-// down to 2^e, which would then saturate. amax == 0 (or an amax / 448 that underflows to 0)
-// gives 1.0: no division by zero, every stored value is 0 and dequantises to exactly 0.
+// float_to_e4m3(x / scale). amax is floored at 1e-4 as in DeepSeek-V3.2's quantiser (and vLLM's
+// cache writers), so all-zero and tiny blocks get the same bytes as theirs and never divide by
+// zero. pow2 rounds the scale up to a power of two (DeepSeek-V3.2's UE8M0 scales), computed
+// exactly with frexp: exp2(ceil(log2(s))) can round a value just above 2^e down to 2^e, which
+// would then saturate.
+constexpr float kQuantAmaxFloor = 1e-4f;
+
 INDEXCACHE_HOST_DEVICE float e4m3_quant_scale(float amax, bool pow2) {
-  const float scale = amax / kE4m3Max;
-  if (!(scale > 0.0f)) return 1.0f;
+  const float scale = fmaxf(amax, kQuantAmaxFloor) / kE4m3Max;
   if (!pow2 || scale > FLT_MAX) return scale;
   int exponent;
   const float fraction = frexpf(scale, &exponent);  // scale = fraction * 2^exponent, fraction in [0.5, 1)
