@@ -5,7 +5,6 @@
 
 #include <algorithm>
 #include <cstring>
-#include <limits>
 
 #include "cpu/row_kernels.h"
 #include "indexcache/numeric.h"
@@ -14,8 +13,6 @@
 namespace indexcache {
 namespace cpu {
 namespace {
-
-constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 void decode_e4m3(const uint8_t* src, int64_t n, float* dst) {
   for (int64_t i = 0; i < n; ++i) dst[i] = e4m3_to_float(src[i]);

@@ -6,12 +6,16 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <limits>
 #include <vector>
 
 #include "indexcache/params.h"
 
 namespace indexcache {
 namespace cpu {
+
+// Written outside windows and as the lse of a row with nothing to attend to.
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 // Float dot product in a fixed order: 16 interleaved partial sums folded by a fixed tree, so the
 // result does not depend on threads or runs, and the independent lanes still vectorise.

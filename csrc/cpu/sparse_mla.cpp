@@ -6,7 +6,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
-#include <limits>
 #include <vector>
 
 #include "cpu/row_kernels.h"
@@ -16,8 +15,6 @@
 namespace indexcache {
 namespace cpu {
 namespace {
-
-constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 void bf16_to_float_n(const uint16_t* src, int n, float* dst) {
   for (int i = 0; i < n; ++i) dst[i] = bf16_to_float(src[i]);
