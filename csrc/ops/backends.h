@@ -24,6 +24,8 @@ void mla_kv_cache_insert(const MlaKvCacheInsertParams& p);
 // CUDA launchers enqueue on `stream` and return the launch status (cudaGetLastError), which the
 // op layer turns into an exception; they never synchronise.
 namespace cuda {
+cudaError_t indexer_logits(const IndexerLogitsParams& p, cudaStream_t stream);
+cudaError_t indexer_logits_paged(const IndexerLogitsPagedParams& p, cudaStream_t stream);
 cudaError_t indexer_k_cache_insert(const IndexerKCacheInsertParams& p, cudaStream_t stream);
 cudaError_t mla_kv_cache_insert(const MlaKvCacheInsertParams& p, cudaStream_t stream);
 }  // namespace cuda

@@ -2,6 +2,7 @@
 #include <ATen/ATen.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <utility>
 
 #include "indexcache/params.h"
@@ -118,6 +119,18 @@ IndexerLogitsPagedParams paged_params(const ArgCheck& c, const at::Tensor& q,
   return p;
 }
 
+// The CUDA kernels read q and the keys with TMA, which needs 16-byte aligned base addresses and
+// 32-bit row coordinates. Contiguous tensors from the caching allocator always qualify; a view
+// with an odd storage offset does not.
+void check_tma_operand(const ArgCheck& c, const char* name, const at::Tensor& t, int64_t rows) {
+  TORCH_CHECK(t.numel() == 0 || reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 == 0,
+              c.prefix(name),
+              "must start at a 16-byte aligned address on CUDA, got storage offset ",
+              t.storage_offset());
+  TORCH_CHECK(rows <= INT32_MAX, c.prefix(name),
+              "must have at most 2^31 - 1 rows of D values on CUDA, got ", rows);
+}
+
 }  // namespace
 
 at::Tensor indexer_logits(const at::Tensor& q, const at::Tensor& k, const at::Tensor& k_scale,
@@ -131,8 +144,13 @@ at::Tensor indexer_logits(const at::Tensor& q, const at::Tensor& k, const at::Te
   c.no_overlap("out", out, k_scale, "k_scale");
   p.out = out.data_ptr<float>();
   p.out_row_stride = out.stride(0);
-  if (q.is_cuda()) cuda_kernel_missing("indexer_logits", "issue 4");
-  cpu::indexer_logits(p);
+  if (q.is_cuda()) {
+    check_tma_operand(c, "q", q, p.S * p.H);
+    check_tma_operand(c, "k", k, p.N);
+    launch_on_device_of(q, [&](cudaStream_t s) { return cuda::indexer_logits(p, s); });
+  } else {
+    cpu::indexer_logits(p);
+  }
   return out;
 }
 
@@ -149,8 +167,13 @@ at::Tensor indexer_logits_paged(const at::Tensor& q, const at::Tensor& kv_cache,
   c.no_overlap("out", out, weights, "weights");
   p.out = out.data_ptr<float>();
   p.out_row_stride = out.stride(0);
-  if (q.is_cuda()) cuda_kernel_missing("indexer_logits_paged", "issue 4");
-  cpu::indexer_logits_paged(p);
+  if (q.is_cuda()) {
+    check_tma_operand(c, "q", q, rows * p.H);
+    check_tma_operand(c, "kv_cache", kv_cache, p.num_pages);
+    launch_on_device_of(q, [&](cudaStream_t s) { return cuda::indexer_logits_paged(p, s); });
+  } else {
+    cpu::indexer_logits_paged(p);
+  }
   return out;
 }
 
