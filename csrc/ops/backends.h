@@ -28,6 +28,8 @@ cudaError_t indexer_logits(const IndexerLogitsParams& p, cudaStream_t stream);
 cudaError_t indexer_logits_paged(const IndexerLogitsPagedParams& p, cudaStream_t stream);
 cudaError_t indexer_k_cache_insert(const IndexerKCacheInsertParams& p, cudaStream_t stream);
 cudaError_t mla_kv_cache_insert(const MlaKvCacheInsertParams& p, cudaStream_t stream);
+cudaError_t topk(const TopkParams& p, cudaStream_t stream);
+int64_t topk_workspace_bytes(const TopkParams& p);  // for the current device; 0: none needed
 }  // namespace cuda
 
 }  // namespace indexcache
