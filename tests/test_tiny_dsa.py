@@ -1,0 +1,187 @@
+"""The tiny DSA example (examples/tiny_dsa) on a CPU: its building blocks against this package's
+ops, the IndexCache wiring, a real training check, and the whole pipeline at its few-step size."""
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from examples.tiny_dsa import model as tiny  # noqa: E402
+from examples.tiny_dsa import train as tiny_train  # noqa: E402
+from indexcache_ops import ops, quant  # noqa: E402
+from indexcache_ops.layers import check_pattern  # noqa: E402
+from indexcache_ops.reuse import IndexCacheConfig  # noqa: E402
+
+
+def indexer_inputs(gen, length=96, heads=32, dim=64):
+    q = torch.randn(length, heads, dim, generator=gen)
+    k = torch.randn(length, dim, generator=gen)
+    w = torch.randn(length, heads, generator=gen)
+    q_fp8, q_scale = quant.quantize_fp8_per_block(q, dim, True)
+    k_fp8, k_scale = quant.quantize_fp8_per_block(k, dim, True)
+    weights = quant.fold_indexer_weights(w, q_scale, heads, dim)
+    return q_fp8, k_fp8, k_scale.reshape(-1), weights
+
+
+def test_torch_fallbacks_match_the_ops(gen):
+    q_fp8, k_fp8, k_scale, weights = indexer_inputs(gen)
+    n = q_fp8.shape[0]
+    ks = torch.randint(0, 30, (n,), generator=gen, dtype=torch.int32)
+    ke = (ks + torch.randint(0, 70, (n,), generator=gen, dtype=torch.int32)).clamp(max=n)
+    ke = ke.to(torch.int32)
+    want = ops.indexer_logits(q_fp8, k_fp8, k_scale, weights, ks, ke)
+    got = tiny.torch_indexer_logits(q_fp8, k_fp8, k_scale, weights, ks, ke)
+    assert torch.equal(torch.isfinite(got), torch.isfinite(want))
+    finite = torch.isfinite(want)
+    torch.testing.assert_close(got[finite], want[finite], rtol=1e-5, atol=1e-5)
+    # Heavy ties: the selected set must follow the op's smaller-index rule exactly.
+    tied = torch.randint(0, 4, (n, n), generator=gen).float()
+    for k in (1, 8, 40):
+        assert torch.equal(tiny.torch_stable_topk(tied, k, ks, ke).sort(1).values,
+                           ops.topk(tied, k, ks, ke).sort(1).values)
+
+
+def test_selector_falls_back_per_op_and_logs(gen, monkeypatch):
+    q_fp8, k_fp8, k_scale, weights = indexer_inputs(gen)
+    args = (q_fp8[None], k_fp8[None], k_scale[None], weights[None], 16)
+    want = tiny.TopkSelector(log=lambda _: None)(*args).sort(-1).values
+
+    def missing(*_, **__):
+        raise NotImplementedError("no kernel here\nsecond line")
+
+    monkeypatch.setattr(tiny.ops, "indexer_topk", missing)
+    monkeypatch.setattr(tiny.ops, "topk", missing)
+    messages = []
+    selector = tiny.TopkSelector(log=messages.append)
+    got = selector(*args).sort(-1).values
+    assert torch.equal(got, want)
+    assert selector.paths["indexer_topk@cpu"].startswith("indexer_logits + topk")
+    assert selector.paths["indexer_logits@cpu"] == "indexcache_ops.ops.indexer_logits"
+    assert selector.paths["topk@cpu"].startswith("torch_stable_topk (torch fallback)")
+    assert len(messages) == 3 and all("second line" not in m for m in messages)
+
+
+def test_sparse_attention_matches_sparse_mla_prefill(gen):
+    s, heads, k = 40, 16, 12
+    q = torch.randn(s, heads, 576, generator=gen).to(torch.bfloat16)
+    kv = torch.randn(s, 576, generator=gen).to(torch.bfloat16)
+    # Distinct indices per row with -1 padding, at least one valid each.
+    indices = torch.stack([torch.randperm(s, generator=gen)[:k] for _ in range(s)]).int()
+    drop = torch.rand(s, k, generator=gen) < 0.3
+    drop[:, 0] = False
+    indices[drop] = -1
+    want, _ = ops.sparse_mla_prefill(q, kv[:, None], indices, 576 ** -0.5)
+    got, probs = tiny.sparse_attention(q.float()[None], kv.float()[None], indices[None],
+                                       576 ** -0.5, 512)
+    torch.testing.assert_close(got[0], want.float(), rtol=2e-2, atol=2e-2)
+    assert torch.all((probs[0] > 0) == tiny.selection_mask(indices[None], s)[0][None])
+
+
+def test_shared_layers_reuse_indices_and_skip_their_indexer():
+    torch.manual_seed(0)
+    model = tiny.TinyDSA(tiny.TINY, tiny.TopkSelector(log=lambda _: None))
+    calls = []
+    selector = model.selector
+    model.selector = lambda *a: calls.append(1) or selector(*a)
+    tokens = torch.randint(0, 256, (2, tiny.TINY.context))
+    trace = model(tokens, IndexCacheConfig(4, index_topk_pattern="FSFS"), indexer_scores=True)
+    assert len(calls) == 2
+    assert trace.indices[1] is trace.indices[0] and trace.indices[3] is trace.indices[2]
+    assert [s is None for s in trace.indexer_scores] == [False, True, False, True]
+    topk = tiny.TINY.topk
+    idx = trace.indices[0]
+    assert idx.shape == (2, tiny.TINY.context, topk) and idx.dtype == torch.int32
+    positions = torch.arange(tiny.TINY.context)[None, :, None]
+    assert torch.all((idx >= 0) <= (idx <= positions))  # causal
+    assert torch.all((idx >= 0).sum(-1) == (positions[..., 0] + 1).clamp(max=topk))
+
+
+def test_data_split_is_by_file_and_deterministic():
+    streams, stats = tiny_train.load_corpus()
+    assert all(stats["files"][s] > 0 for s in tiny_train.SPLITS)
+    assert all(stats["bytes"][s] == streams[s].size > 10 * 1025 for s in tiny_train.SPLITS)
+    names = ["json/__init__.py", "asyncio/tasks.py", "test/test_re.py"]
+    assert [tiny_train.split_of(n) for n in names] == [tiny_train.split_of(n) for n in names]
+
+
+def test_training_decreases_loss_on_a_fixed_batch():
+    torch.manual_seed(0)
+    cfg = tiny.TINY
+    model = tiny.TinyDSA(cfg, tiny.TopkSelector(log=lambda _: None))
+    gen = torch.Generator().manual_seed(0)
+    streams, _ = tiny_train.load_corpus()
+    stream = torch.from_numpy(streams["train"].copy())
+    batch = tiny_train.random_windows(stream, 4, cfg.context, gen)
+    all_full = "F" * cfg.n_layers
+    before = tiny_train.lm_loss(model, [batch], all_full)
+    opt = tiny_train.make_optimizer(model, 3e-3)
+    causal = tiny_train.causal_rows(4, cfg.context, batch.device)
+    model.train()
+    for step in range(8):
+        lm, kl = tiny_train.train_step(model, opt, batch, step >= 3, causal, 3e-3)
+        assert math.isfinite(lm.item()) and math.isfinite(kl.item()) and kl.item() > -1e-6
+    after = tiny_train.lm_loss(model, [batch], all_full)
+    assert after < before - 0.3, (before, after)
+
+
+def test_whole_pipeline_tiny(tmp_path):
+    results = tiny_train.main(["--tiny", "--device", "cpu", "--out", str(tmp_path), "--seed", "0"])
+    on_disk = json.loads((tmp_path / "results.json").read_text())
+    assert on_disk["heldout"]["rows"] == json.loads(json.dumps(results["heldout"]["rows"]))
+    assert (tmp_path / "results.md").read_text().startswith("| setting")
+    n = tiny.TINY.n_layers
+
+    training = on_disk["training"]
+    assert training["steps"] == 8 and training["dense_steps"] + training["sparse_steps"] == 8
+    assert training["dense_steps"] > 0 and training["sparse_steps"] > 0
+    assert all(math.isfinite(c["lm_loss"]) and math.isfinite(c["indexer_kl"])
+               for c in training["curve"])
+
+    matrix = torch.tensor(on_disk["overlap"]["matrix"])
+    assert matrix.shape == (n, n) and torch.all((matrix >= 0) & (matrix <= 1))
+    torch.testing.assert_close(matrix.diagonal(), torch.ones(n))
+
+    search = on_disk["search"]
+    assert search["evaluations"] == 1 + 3 + 2 + 1  # 4 layers down to 1 Full, layer 0 fixed
+    for retention, pattern in search["patterns"].items():
+        check_pattern(pattern, n)
+        assert pattern.count("F") == max(1, n // int(retention.split("/")[1]))
+
+    rows = on_disk["heldout"]["rows"]
+    names = {(r["name"], r["retention"]) for r in rows}
+    for r in ("1/2", "1/4", "1/8"):
+        assert ("uniform", r) in names and ("searched", r) in names
+    assert ("uniform + distillation", "1/4") in names and ("all-Full", "1") in names
+    for row in rows:
+        assert math.isfinite(row["loss"]) and 0 < row["loss"] < 10
+        if row["pattern"] is not None:
+            check_pattern(row["pattern"], n)
+
+    distillation = on_disk["distillation"]
+    assert distillation["steps"] == 3
+    assert all(math.isfinite(c["kl"]) and c["kl"] > -1e-6 for c in distillation["curve"])
+    assert [type(c["holds"]) for c in on_disk["expectations"]] == [bool] * 3
+    assert on_disk["selection_paths"] == {"indexer_topk@cpu": "indexcache_ops.ops.indexer_topk"}
+
+
+def test_distillation_trains_only_the_full_indexers():
+    torch.manual_seed(0)
+    cfg = tiny.TINY
+    model = tiny.TinyDSA(cfg, tiny.TopkSelector(log=lambda _: None))
+    streams, _ = tiny_train.load_corpus()
+    stream = torch.from_numpy(streams["train"].copy())
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    settings = tiny_train.TINY_SETTINGS
+    student, record = tiny_train.distill(model, "FSFS", stream, settings,
+                                         torch.Generator().manual_seed(0))
+    assert record["served"] == {"0": [0, 1], "2": [2, 3]}
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    changed = {k for k, v in student.state_dict().items() if not torch.equal(v, before[k])}
+    full_indexers = ("blocks.0.indexer.", "blocks.2.indexer.")
+    assert changed and all(k.startswith(full_indexers) for k in changed)
