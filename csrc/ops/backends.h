@@ -30,6 +30,10 @@ cudaError_t indexer_k_cache_insert(const IndexerKCacheInsertParams& p, cudaStrea
 cudaError_t mla_kv_cache_insert(const MlaKvCacheInsertParams& p, cudaStream_t stream);
 cudaError_t topk(const TopkParams& p, cudaStream_t stream);
 int64_t topk_workspace_bytes(const TopkParams& p);  // for the current device; 0: none needed
+cudaError_t sparse_mla_prefill(const SparseMlaPrefillParams& p, cudaStream_t stream);
+cudaError_t sparse_mla_decode(const SparseMlaDecodeParams& p, cudaStream_t stream);
+// Split-k scratch for `queries` query rows (prefill S, decode B * next_n) on the current device.
+int64_t sparse_mla_workspace_bytes(int64_t queries, int Hq, int topk);
 }  // namespace cuda
 
 }  // namespace indexcache

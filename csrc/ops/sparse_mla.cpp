@@ -1,7 +1,10 @@
 // Op layer of index-gathered sparse MLA attention (absorbed / MQA form), prefill and paged decode.
+// Indices are validated on the CPU only: reading device data would synchronise, so the CUDA
+// kernels mask out-of-range indices and block-table entries instead (csrc/sparse_mla/).
 #include <ATen/ATen.h>
 
 #include <cmath>
+#include <cstdint>
 #include <vector>
 #include <utility>
 
@@ -41,6 +44,30 @@ template <class Params>
 void set_outputs(Params& p, const at::Tensor& out, const at::Tensor& lse) {
   p.out = static_cast<uint16_t*>(out.data_ptr());
   p.lse = lse.data_ptr<float>();
+}
+
+// The CUDA kernels move q and KV rows in 16-byte vectors and store out in 8-byte vectors: a view
+// starting inside an allocation must keep that alignment.
+void check_cuda_alignment(const ArgCheck& c, const char* name, const at::Tensor& t) {
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0, c.prefix(name),
+              "must start at a 16-byte aligned address on CUDA, got a view at ", t.data_ptr(),
+              " (storage offset ", t.storage_offset(), ")");
+}
+
+// Runs a CUDA launcher with its split-k scratch (cuda::sparse_mla_workspace_bytes, a function of
+// the shapes and the device only) allocated through the caching allocator on q's device and
+// current stream: no cudaMalloc, no host synchronisation, capturable in a CUDA graph.
+template <class Params, class Launcher>
+void launch_with_workspace(const at::Tensor& q, int64_t queries, Params& p, Launcher&& launcher) {
+  const c10::cuda::CUDAGuard guard(q.device());
+  const int64_t bytes = cuda::sparse_mla_workspace_bytes(queries, p.Hq, p.topk);
+  at::Tensor workspace;
+  if (bytes > 0) {
+    workspace = at::empty({bytes}, q.options().dtype(at::kByte));
+    p.workspace = workspace.data_ptr();
+    p.workspace_bytes = bytes;
+  }
+  launch_on_device_of(q, [&](cudaStream_t s) { return launcher(p, s); });
 }
 
 }  // namespace
@@ -89,8 +116,16 @@ std::tuple<at::Tensor, at::Tensor> sparse_mla_prefill(const at::Tensor& q, const
   p.topk = static_cast<int>(topk);
   p.d_v = static_cast<int>(d_v);
   p.sm_scale = static_cast<float>(sm_scale);
-  if (q.is_cuda()) cuda_kernel_missing("sparse_mla_prefill", "issue 6");
-  cpu::sparse_mla_prefill(p);
+  if (q.is_cuda()) {
+    for (const auto& [name, t] : {std::pair{"q", &q}, {"kv", &kv}, {"out", &out}}) {
+      check_cuda_alignment(c, name, *t);
+    }
+    launch_with_workspace(q, S, p, [](const SparseMlaPrefillParams& params, cudaStream_t s) {
+      return cuda::sparse_mla_prefill(params, s);
+    });
+  } else {
+    cpu::sparse_mla_prefill(p);
+  }
   return {out, lse};
 }
 
@@ -166,8 +201,17 @@ std::tuple<at::Tensor, at::Tensor> sparse_mla_decode(const at::Tensor& q,
   p.max_pages_per_seq = static_cast<int>(max_pages);
   p.block_table_row_stride = block_table.stride(0);
   p.sm_scale = static_cast<float>(sm_scale);
-  if (q.is_cuda()) cuda_kernel_missing("sparse_mla_decode", "issue 6");
-  cpu::sparse_mla_decode(p);
+  if (q.is_cuda()) {
+    for (const auto& [name, t] : {std::pair{"q", &q}, {"kv_cache", &kv_cache}, {"out", &out}}) {
+      check_cuda_alignment(c, name, *t);
+    }
+    launch_with_workspace(q, B * next_n, p,
+                          [](const SparseMlaDecodeParams& params, cudaStream_t s) {
+                            return cuda::sparse_mla_decode(params, s);
+                          });
+  } else {
+    cpu::sparse_mla_decode(p);
+  }
   return {out, lse};
 }
 

@@ -124,6 +124,11 @@ struct SparseMlaPrefillParams {
   int topk;
   int d_v;
   float sm_scale;
+  // CUDA only (the CPU path ignores both): split-k scratch of
+  // cuda::sparse_mla_workspace_bytes(S, Hq, topk) bytes, allocated by the op layer; nullptr / 0
+  // when that is 0 (no split).
+  void* workspace;
+  int64_t workspace_bytes;
 };
 
 // Decode over a paged MLA cache: bf16 rows of 576 or FP8 rows of 656 bytes
@@ -146,6 +151,9 @@ struct SparseMlaDecodeParams {
   int max_pages_per_seq;
   int64_t block_table_row_stride;
   float sm_scale;
+  // CUDA only, as in SparseMlaPrefillParams: cuda::sparse_mla_workspace_bytes(B * next_n, Hq, topk).
+  void* workspace;
+  int64_t workspace_bytes;
 };
 
 // Quantise bf16 indexer keys to e4m3 with one fp32 scale per token (amax / 448, optionally rounded
