@@ -111,7 +111,11 @@ def indexer_topk(
     """``topk(indexer_logits(...), topk, ks, ke)`` without materialising the ``[S, N]`` scores.
 
     Arguments as :func:`indexer_logits`, plus ``topk`` (1..2048) and ``sorted``.
-    Returns ``[S, topk]`` int32 key indices, -1 padded. Extra memory: the output only.
+    Returns ``[S, topk]`` int32 key indices, -1 padded.
+
+    Extra memory: on the CPU one row of scores per thread; on CUDA a score workspace of at most
+    128 MiB (``floor(128 MiB / 4N)`` rows, at least one), whatever S and N are, scored and
+    selected chunk by chunk on the stream (the fused kernel that needs no workspace is issue 5).
     """
     if out is None:
         return _ops.indexer_topk(q, k, k_scale, weights, ks, ke, topk, sorted)

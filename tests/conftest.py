@@ -21,16 +21,3 @@ def gen(request) -> torch.Generator:
 def device(request) -> str:
     return request.param
 
-
-@pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_makereport(item, call):
-    """On a GPU, a test that reaches an op whose CUDA kernel has not landed yet is reported as
-    xfail naming the op, not as a pass and not as a bug: the ops raise NotImplementedError
-    for exactly that case (csrc/ops/dispatch.h)."""
-    outcome = yield
-    report = outcome.get_result()
-    if call.excinfo is not None and call.excinfo.errisinstance(NotImplementedError):
-        message = str(call.excinfo.value)
-        if "is not implemented on CUDA yet" in message:
-            report.outcome = "skipped"
-            report.wasxfail = "CUDA kernel not landed: " + message.splitlines()[0][:160]

@@ -16,12 +16,4 @@ void launch_on_device_of(const at::Tensor& anchor, Launcher&& launcher) {
   C10_CUDA_CHECK(launcher(at::cuda::getCurrentCUDAStream(anchor.device().index()).stream()));
 }
 
-// An op whose CUDA kernel has not landed says so instead of silently falling back to a slow
-// path: a serving engine must know which device code it runs. Raises NotImplementedError.
-[[noreturn]] inline void cuda_kernel_missing(const char* op, const char* tracking_issue) {
-  TORCH_CHECK_NOT_IMPLEMENTED(false, "indexcache::", op,
-                              " is not implemented on CUDA yet (tracked by ", tracking_issue,
-                              "); call it with CPU tensors");
-}
-
 }  // namespace indexcache::ops

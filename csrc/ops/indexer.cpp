@@ -131,6 +131,93 @@ void check_tma_operand(const ArgCheck& c, const char* name, const at::Tensor& t,
               "must have at most 2^31 - 1 rows of D values on CUDA, got ", rows);
 }
 
+// NOTES: until the fused scoring + selection kernel lands (issue 5), CUDA indexer_topk scores a
+// chunk of rows into a workspace of at most this many bytes and selects on it with the radix
+// top-k, chunk after chunk on the stream. Memory stays bounded whatever N is (one row per chunk
+// at least), at the speed of the two-kernel path rather than above it.
+constexpr int64_t kScoreWorkspaceBytes = int64_t{128} << 20;
+
+int64_t rows_per_chunk(int64_t row_len) {
+  return std::max<int64_t>(1, kScoreWorkspaceBytes / (int64_t{sizeof(float)} * std::max<int64_t>(row_len, 1)));
+}
+
+TopkParams select_from(const float* scores, int64_t rows, int64_t row_len, const int32_t* starts,
+                       const int32_t* ends, int32_t* out, int64_t out_row_stride, int k,
+                       bool sorted) {
+  TopkParams t{};
+  t.logits = scores;
+  t.row_starts = starts;
+  t.row_ends = ends;
+  t.out = out;
+  t.R = rows;
+  t.C = row_len;
+  t.logits_row_stride = row_len;
+  t.out_row_stride = out_row_stride;
+  t.k = k;
+  t.sorted = sorted;
+  return t;
+}
+
+void chunked_indexer_topk_cuda(const IndexerTopkParams& p, const at::Tensor& q) {
+  const IndexerLogitsParams& all = p.scores;
+  const int64_t chunk = std::min(all.S, rows_per_chunk(all.N));
+  const at::Tensor scores = at::empty({chunk, all.N}, q.options().dtype(at::kFloat));
+  launch_on_device_of(q, [&](cudaStream_t stream) {
+    for (int64_t row0 = 0; row0 < all.S; row0 += chunk) {
+      IndexerLogitsParams part = all;
+      part.q += row0 * all.H * all.D;
+      part.weights += row0 * all.H;
+      part.ks += row0;
+      part.ke += row0;
+      part.S = std::min(chunk, all.S - row0);
+      part.out = scores.data_ptr<float>();
+      part.out_row_stride = all.N;
+      if (const cudaError_t e = cuda::indexer_logits(part, stream); e != cudaSuccess) return e;
+      const TopkParams t = select_from(part.out, part.S, all.N, part.ks, part.ke,
+                                       p.out + row0 * p.out_row_stride, p.out_row_stride, p.k,
+                                       p.sorted);
+      if (const cudaError_t e = cuda::topk(t, stream); e != cudaSuccess) return e;
+    }
+    return cudaSuccess;
+  });
+}
+
+void chunked_indexer_topk_paged_cuda(const IndexerTopkPagedParams& p, const at::Tensor& q,
+                                     const at::Tensor& context_lens) {
+  const IndexerLogitsPagedParams& all = p.scores;
+  const int64_t len = all.max_context_len, n = all.next_n;
+  const int64_t batches = std::min<int64_t>(all.B, std::max<int64_t>(1, rows_per_chunk(len) / n));
+  const at::Tensor scores = at::empty({batches * n, len}, q.options().dtype(at::kFloat));
+  // Row (b, j) sees [0, len_b - next_n + j + 1): its end bounds the selection, so positions past
+  // it (scored -inf) are never selected in place of -1 padding.
+  const at::Tensor row_ends =
+      (context_lens.unsqueeze(1) + at::arange(1 - n, 1, context_lens.options()))
+          .clamp(0, len)
+          .to(at::kInt)
+          .contiguous();
+  launch_on_device_of(q, [&](cudaStream_t stream) {
+    for (int64_t b0 = 0; b0 < all.B; b0 += batches) {
+      IndexerLogitsPagedParams part = all;
+      part.q += b0 * n * all.H * all.D;
+      part.weights += b0 * n * all.H;
+      part.context_lens += b0;
+      part.block_table += b0 * all.block_table_row_stride;
+      part.B = static_cast<int>(std::min<int64_t>(batches, all.B - b0));
+      part.out = scores.data_ptr<float>();
+      part.out_row_stride = len;
+      if (const cudaError_t e = cuda::indexer_logits_paged(part, stream); e != cudaSuccess) {
+        return e;
+      }
+      const TopkParams t = select_from(part.out, part.B * n, len, nullptr,
+                                       row_ends.const_data_ptr<int32_t>() + b0 * n,
+                                       p.out + b0 * n * p.out_row_stride, p.out_row_stride, p.k,
+                                       p.sorted);
+      if (const cudaError_t e = cuda::topk(t, stream); e != cudaSuccess) return e;
+    }
+    return cudaSuccess;
+  });
+}
+
 }  // namespace
 
 at::Tensor indexer_logits(const at::Tensor& q, const at::Tensor& k, const at::Tensor& k_scale,
@@ -190,8 +277,13 @@ at::Tensor indexer_topk(const at::Tensor& q, const at::Tensor& k, const at::Tens
   p.out_row_stride = out.stride(0);
   p.k = static_cast<int>(topk);
   p.sorted = sorted;
-  if (q.is_cuda()) cuda_kernel_missing("indexer_topk", "issue 5");
-  cpu::indexer_topk(p);
+  if (q.is_cuda()) {
+    check_tma_operand(c, "q", q, p.scores.S * p.scores.H);
+    check_tma_operand(c, "k", k, p.scores.N);
+    chunked_indexer_topk_cuda(p, q);
+  } else {
+    cpu::indexer_topk(p);
+  }
   return out;
 }
 
@@ -210,8 +302,13 @@ at::Tensor indexer_topk_paged(const at::Tensor& q, const at::Tensor& kv_cache,
   p.out_row_stride = out.stride(0);
   p.k = static_cast<int>(topk);
   p.sorted = sorted;
-  if (q.is_cuda()) cuda_kernel_missing("indexer_topk_paged", "issue 5");
-  cpu::indexer_topk_paged(p);
+  if (q.is_cuda()) {
+    check_tma_operand(c, "q", q, rows * p.scores.H);
+    check_tma_operand(c, "kv_cache", kv_cache, p.scores.num_pages);
+    chunked_indexer_topk_paged_cuda(p, q, context_lens);
+  } else {
+    cpu::indexer_topk_paged(p);
+  }
   return out;
 }
 
