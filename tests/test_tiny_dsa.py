@@ -14,57 +14,9 @@ if str(ROOT) not in sys.path:
 
 from examples.tiny_dsa import model as tiny  # noqa: E402
 from examples.tiny_dsa import train as tiny_train  # noqa: E402
-from indexcache_ops import ops, quant  # noqa: E402
+from indexcache_ops import ops  # noqa: E402
 from indexcache_ops.layers import check_pattern  # noqa: E402
 from indexcache_ops.reuse import IndexCacheConfig  # noqa: E402
-
-
-def indexer_inputs(gen, length=96, heads=32, dim=64):
-    q = torch.randn(length, heads, dim, generator=gen)
-    k = torch.randn(length, dim, generator=gen)
-    w = torch.randn(length, heads, generator=gen)
-    q_fp8, q_scale = quant.quantize_fp8_per_block(q, dim, True)
-    k_fp8, k_scale = quant.quantize_fp8_per_block(k, dim, True)
-    weights = quant.fold_indexer_weights(w, q_scale, heads, dim)
-    return q_fp8, k_fp8, k_scale.reshape(-1), weights
-
-
-def test_torch_fallbacks_match_the_ops(gen):
-    q_fp8, k_fp8, k_scale, weights = indexer_inputs(gen)
-    n = q_fp8.shape[0]
-    ks = torch.randint(0, 30, (n,), generator=gen, dtype=torch.int32)
-    ke = (ks + torch.randint(0, 70, (n,), generator=gen, dtype=torch.int32)).clamp(max=n)
-    ke = ke.to(torch.int32)
-    want = ops.indexer_logits(q_fp8, k_fp8, k_scale, weights, ks, ke)
-    got = tiny.torch_indexer_logits(q_fp8, k_fp8, k_scale, weights, ks, ke)
-    assert torch.equal(torch.isfinite(got), torch.isfinite(want))
-    finite = torch.isfinite(want)
-    torch.testing.assert_close(got[finite], want[finite], rtol=1e-5, atol=1e-5)
-    # Heavy ties: the selected set must follow the op's smaller-index rule exactly.
-    tied = torch.randint(0, 4, (n, n), generator=gen).float()
-    for k in (1, 8, 40):
-        assert torch.equal(tiny.torch_stable_topk(tied, k, ks, ke).sort(1).values,
-                           ops.topk(tied, k, ks, ke).sort(1).values)
-
-
-def test_selector_falls_back_per_op_and_logs(gen, monkeypatch):
-    q_fp8, k_fp8, k_scale, weights = indexer_inputs(gen)
-    args = (q_fp8[None], k_fp8[None], k_scale[None], weights[None], 16)
-    want = tiny.TopkSelector(log=lambda _: None)(*args).sort(-1).values
-
-    def missing(*_, **__):
-        raise NotImplementedError("no kernel here\nsecond line")
-
-    monkeypatch.setattr(tiny.ops, "indexer_topk", missing)
-    monkeypatch.setattr(tiny.ops, "topk", missing)
-    messages = []
-    selector = tiny.TopkSelector(log=messages.append)
-    got = selector(*args).sort(-1).values
-    assert torch.equal(got, want)
-    assert selector.paths["indexer_topk@cpu"].startswith("indexer_logits + topk")
-    assert selector.paths["indexer_logits@cpu"] == "indexcache_ops.ops.indexer_logits"
-    assert selector.paths["topk@cpu"].startswith("torch_stable_topk (torch fallback)")
-    assert len(messages) == 3 and all("second line" not in m for m in messages)
 
 
 def test_sparse_attention_matches_sparse_mla_prefill(gen):
@@ -85,7 +37,7 @@ def test_sparse_attention_matches_sparse_mla_prefill(gen):
 
 def test_shared_layers_reuse_indices_and_skip_their_indexer():
     torch.manual_seed(0)
-    model = tiny.TinyDSA(tiny.TINY, tiny.TopkSelector(log=lambda _: None))
+    model = tiny.TinyDSA(tiny.TINY)
     calls = []
     selector = model.selector
     model.selector = lambda *a: calls.append(1) or selector(*a)
@@ -113,7 +65,7 @@ def test_data_split_is_by_file_and_deterministic():
 def test_training_decreases_loss_on_a_fixed_batch():
     torch.manual_seed(0)
     cfg = tiny.TINY
-    model = tiny.TinyDSA(cfg, tiny.TopkSelector(log=lambda _: None))
+    model = tiny.TinyDSA(cfg)
     gen = torch.Generator().manual_seed(0)
     streams, _ = tiny_train.load_corpus()
     stream = torch.from_numpy(streams["train"].copy())
@@ -167,13 +119,12 @@ def test_whole_pipeline_tiny(tmp_path):
     assert distillation["steps"] == 3
     assert all(math.isfinite(c["kl"]) and c["kl"] > -1e-6 for c in distillation["curve"])
     assert [type(c["holds"]) for c in on_disk["expectations"]] == [bool] * 3
-    assert on_disk["selection_paths"] == {"indexer_topk@cpu": "indexcache_ops.ops.indexer_topk"}
 
 
 def test_distillation_trains_only_the_full_indexers():
     torch.manual_seed(0)
     cfg = tiny.TINY
-    model = tiny.TinyDSA(cfg, tiny.TopkSelector(log=lambda _: None))
+    model = tiny.TinyDSA(cfg)
     streams, _ = tiny_train.load_corpus()
     stream = torch.from_numpy(streams["train"].copy())
     before = {k: v.clone() for k, v in model.state_dict().items()}

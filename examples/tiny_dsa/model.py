@@ -12,7 +12,7 @@ Per layer, as in DeepSeek-V3.2 but small:
 - Top-k selection on the FP8 path of the real model: Hadamard-rotated q and k quantised to e4m3
   (one power-of-two scale per (token, head) for q, per token for k) with
   :mod:`indexcache_ops.quant`, the q scale folded into the head weights, then this package's
-  ``indexer_topk`` (or ``indexer_logits`` + ``topk``) op; see :class:`TopkSelector`.
+  ``indexer_topk`` op; see :func:`select_topk`.
 - Sparse attention over the selected keys in differentiable torch (the package's attention ops
   are forward-only), so the model trains.
 - IndexCache: an :class:`~indexcache_ops.reuse.IndexCacheConfig` decides per layer whether it
@@ -27,14 +27,12 @@ from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch import Tensor
 
 from indexcache_ops import ops, quant
 from indexcache_ops.reuse import IndexCacheConfig
 
-__all__ = ["DSAConfig", "MAIN", "TINY", "TinyDSA", "Trace", "TopkSelector", "sparse_attention",
-           "torch_indexer_logits", "torch_stable_topk"]
+__all__ = ["DSAConfig", "MAIN", "TINY", "TinyDSA", "Trace", "select_topk", "sparse_attention"]
 
 
 @dataclass(frozen=True)
@@ -81,95 +79,24 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
 
 
-# ---- selection: the package's ops, with named torch fallbacks ---------------------------------
+# ---- selection --------------------------------------------------------------------------------
 
-def torch_indexer_logits(q_fp8: Tensor, k_fp8: Tensor, k_scale: Tensor, weights: Tensor,
-                         ks: Tensor, ke: Tensor) -> Tensor:
-    """``ops.indexer_logits`` written in torch, for a device where the op has no kernel.
-
-    e4m3 values are exact in float32, so this is the op's formula up to fp32 summation order:
-    ``k_scale[s] * sum_h weights[t, h] * relu(q[t, h] . k[s])`` in ``[ks[t], ke[t])``, -inf
-    elsewhere.
-    """
-    dots = torch.einsum("thd,sd->ths", q_fp8.float(), k_fp8.float()).relu_()
-    logits = (weights.unsqueeze(1) @ dots).squeeze(1) * k_scale
-    cols = torch.arange(logits.shape[1], device=logits.device)
-    visible = (cols >= ks[:, None]) & (cols < ke[:, None])
-    return logits.masked_fill_(~visible, float("-inf"))
+# (q_fp8, k_fp8, k_scale, weights, topk) -> indices, the signature of select_topk.
+Selector = Callable[[Tensor, Tensor, Tensor, Tensor, int], Tensor]
 
 
-def torch_stable_topk(logits: Tensor, k: int, row_starts: Tensor, row_ends: Tensor) -> Tensor:
-    """``ops.topk`` written in torch, for a device where the op has no kernel.
-
-    A stable descending sort keeps equal values in column order, so ties go to the smaller column
-    exactly as the op's rule says (``torch.topk`` makes no such promise). Rows whose window holds
-    fewer than ``k`` columns return all of them, padded with -1. Scores are assumed non-NaN (the
-    op orders NaN below -inf; a sort puts it first).
-    """
-    col = torch.arange(logits.shape[1], device=logits.device)
-    visible = (col >= row_starts[:, None]) & (col < row_ends[:, None])
-    order = torch.sort(logits.masked_fill(~visible, float("-inf")), dim=1, descending=True,
-                       stable=True).indices[:, :k]
-    if order.shape[1] < k:
-        order = F.pad(order, (0, k - order.shape[1]), value=-1)
-    count = (row_ends - row_starts).clamp(0, k)
-    slot = torch.arange(k, device=logits.device)
-    return torch.where(slot[None, :] < count[:, None], order, -1).to(torch.int32)
-
-
-class TopkSelector:
-    """Top-k key selection of the indexer through this package's ops.
-
-    Prefers the fused ``indexer_topk``; where an op raises ``NotImplementedError`` on a device (its
-    CUDA kernel has not landed, or the build has none), that op alone is replaced by its named
-    torch version (:func:`torch_indexer_logits`, :func:`torch_stable_topk`), decided on first use
-    per (op, device), logged and kept in :attr:`paths`. Any other error propagates.
-    """
-
-    def __init__(self, log: Callable[[str], None] = print):
-        self.paths: dict[str, str] = {}
-        self._use_op: dict[str, bool] = {}
-        self._log = log
-
-    def __call__(self, q_fp8: Tensor, k_fp8: Tensor, k_scale: Tensor, weights: Tensor,
-                 topk: int) -> Tensor:
-        """Causal top-k per sequence: q ``[B, L, H, D]`` e4m3, k ``[B, L, D]`` e4m3, k_scale
-        ``[B, L]``, folded weights ``[B, L, H]`` -> ``[B, L, topk]`` int32 positions, -1 padded."""
-        length = q_fp8.shape[1]
-        ks = torch.zeros(length, dtype=torch.int32, device=q_fp8.device)
-        ke = torch.arange(1, length + 1, dtype=torch.int32, device=q_fp8.device)
-        # One op call per sequence: a flattened batch would make the unfused path materialise
-        # [B*L, B*L] scores of which only the B diagonal blocks are visible.
-        return torch.stack([
-            self._run("indexer_topk", ops.indexer_topk, self._unfused, "indexer_logits + topk",
-                      q_fp8[b], k_fp8[b], k_scale[b], weights[b], ks, ke, topk)
-            for b in range(q_fp8.shape[0])])
-
-    def _unfused(self, q, k, k_scale, weights, ks, ke, topk: int) -> Tensor:
-        logits = self._run("indexer_logits", ops.indexer_logits, torch_indexer_logits,
-                           "torch_indexer_logits (torch fallback)", q, k, k_scale, weights, ks, ke)
-        return self._run("topk", ops.topk, torch_stable_topk, "torch_stable_topk (torch fallback)",
-                         logits, topk, ks, ke)
-
-    def _run(self, name: str, op: Callable, fallback: Callable, fallback_name: str,
-             *args) -> Tensor:
-        key = f"{name}@{args[0].device.type}"
-        use_op = self._use_op.get(key)
-        if use_op is None:
-            try:
-                out = op(*args)
-            except NotImplementedError as exc:
-                self._decide(key, False, f"{fallback_name}; the op said: "
-                                         f"{str(exc).strip().splitlines()[0]}")
-                return fallback(*args)
-            self._decide(key, True, f"indexcache_ops.ops.{name}")
-            return out
-        return op(*args) if use_op else fallback(*args)
-
-    def _decide(self, key: str, use_op: bool, path: str) -> None:
-        self._use_op[key] = use_op
-        self.paths[key] = path
-        self._log(f"[selection] {key}: {path}")
+def select_topk(q_fp8: Tensor, k_fp8: Tensor, k_scale: Tensor, weights: Tensor,
+                topk: int) -> Tensor:
+    """Causal top-k per sequence through ``ops.indexer_topk``: q ``[B, L, H, D]`` e4m3, k
+    ``[B, L, D]`` e4m3, k_scale ``[B, L]``, folded weights ``[B, L, H]`` -> ``[B, L, topk]`` int32
+    positions, -1 padded."""
+    length = q_fp8.shape[1]
+    ks = torch.zeros(length, dtype=torch.int32, device=q_fp8.device)
+    ke = torch.arange(1, length + 1, dtype=torch.int32, device=q_fp8.device)
+    # One op call per sequence: a flattened batch would score [B*L, B*L] keys of which only the
+    # B diagonal blocks are visible.
+    return torch.stack([ops.indexer_topk(q_fp8[b], k_fp8[b], k_scale[b], weights[b], ks, ke, topk)
+                        for b in range(q_fp8.shape[0])])
 
 
 # ---- attention --------------------------------------------------------------------------------
@@ -272,7 +199,7 @@ class Indexer(nn.Module):
         return ((w.unsqueeze(2) @ dots).squeeze(2) * (H * D) ** -0.5).reshape(B * L, L)
 
     @torch.no_grad()
-    def select(self, q: Tensor, k: Tensor, w: Tensor, topk: int, selector: TopkSelector) -> Tensor:
+    def select(self, q: Tensor, k: Tensor, w: Tensor, topk: int, selector: Selector) -> Tensor:
         """The FP8 selection path: ``[B, L, topk]`` int32 positions, -1 padded."""
         H, D = self.cfg.idx_heads, self.cfg.idx_dim
         with torch.autocast(q.device.type, enabled=False):
@@ -315,10 +242,12 @@ class Trace:
 
 
 class TinyDSA(nn.Module):
-    def __init__(self, cfg: DSAConfig, selector: Optional[TopkSelector] = None):
+    def __init__(self, cfg: DSAConfig, selector: Optional[Selector] = None):
         super().__init__()
         self.cfg = cfg
-        self.selector = selector or TopkSelector()
+        # Top-k selection of the Full layers: select_topk unless another callable of its signature
+        # is given (or assigned later, e.g. to count calls).
+        self.selector: Selector = selector or select_topk
         self.embed = nn.Embedding(cfg.vocab, cfg.d_model)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = nn.RMSNorm(cfg.d_model)

@@ -526,7 +526,6 @@ def main(argv: Optional[list[str]] = None) -> dict:
         "config": dataclasses.asdict(settings) | {"seed": args.seed, "tiny": args.tiny},
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__,
-        "selection_paths": dict(model.selector.paths),
         "data": data_stats | {"calibration_tokens": settings.calib_seqs * cfg.context,
                               "heldout_tokens": settings.heldout_seqs * cfg.context},
         "training": training,
@@ -548,7 +547,6 @@ def main(argv: Optional[list[str]] = None) -> dict:
     (args.out / "results.json").write_text(json.dumps(results, indent=1))
     (args.out / "results.md").write_text(table + "\n")
 
-    log("selection paths: " + ", ".join(f"{k}: {v}" for k, v in model.selector.paths.items()))
     log("timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in results["timings_s"].items())
         + ("" if results["peak_gpu_memory_gb"] is None
            else f"; peak GPU memory {results['peak_gpu_memory_gb']:.1f} GB"))
