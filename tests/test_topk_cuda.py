@@ -1,7 +1,7 @@
 """CUDA top-k (indexcache::topk on GPU tensors): exact sets, and exact order when sorted, against an
-independent brute-force reference built here from two stable float64 sorts; both regimes of the
-launcher (one block per row, and rows split over blocks with a workspace), forced through
-INDEXCACHE_TOPK_SPLIT where a shape would not pick them; the peers' failure modes (a crowded
+independent brute-force reference built here from two stable float64 sorts; every cluster size of
+the launcher (one CTA per row, or a row split over a cluster of CTAs sharing histograms through
+distributed shared memory), forced through INDEXCACHE_TOPK_SPLIT where a shape would not pick it; the peers' failure modes (a crowded
 coarse bin, ties, NaN and infinities, padding, strides, odd offsets); determinism; CUDA graphs.
 Timings live in bench/bench_topk.py.
 """
@@ -423,3 +423,44 @@ def test_property_against_reference(problem):
     x = x.cuda()[:, offset:]
     s, e = windows_of(windows, g, R, C)
     run_cuda(x, k, s, e, sorted_, split=split)
+
+
+# ----------------------------------------------------------------------------------------------
+# clusters of CTAs per row, skewed rows
+
+
+@pytest.mark.parametrize("split", [2, 4, 8, 16])
+def test_cluster_sizes_random_windows(split):
+    """Rows spread over clusters of every size: windows shorter than the cluster's CTAs (some CTAs
+    get nothing), windows at every residue mod 4, k from 1 to the maximum."""
+    R, C = 9, 200003
+    g = rng("cluster", split)
+    x = randn(g, R, C)
+    s, e = random_windows(g, R, C)
+    s[:3] = torch.tensor([0, 5, 1000], dtype=torch.int32)
+    e[:3] = torch.tensor([C, 17, 1000 + 4 * 2048 + 3], dtype=torch.int32)
+    for k in (1, 777, 2048):
+        for sorted_ in (False, True):
+            run_cuda(x, k, s, e, sorted_, split=split)
+
+
+@pytest.mark.parametrize("split", [None, 1, 2, 16])
+@pytest.mark.parametrize("shape", ["ascending", "descending", "tail_block", "nan_head"])
+def test_skewed_rows(shape, split):
+    """The best items crowd one end of the row, so one warp's (or one CTA's) share holds all the
+    candidates, more than its share of the candidate pool; or the row opens with NaN, so the first
+    counts give no bound."""
+    R, C, k = 3, 262144, 2048
+    g = rng("skew", shape, split)
+    if shape == "ascending":
+        x = torch.arange(C, dtype=torch.float32).repeat(R, 1)
+    elif shape == "descending":
+        x = -torch.arange(C, dtype=torch.float32).repeat(R, 1)
+    elif shape == "tail_block":
+        x = torch.rand(R, C, generator=g)
+        x[:, C - 20000:] += 2.0
+    else:
+        x = torch.randn(R, C, generator=g)
+        x[:, : C // 4] = math.nan
+    for sorted_ in (False, True):
+        run_cuda(x.cuda(), k, sorted_=sorted_, split=split)

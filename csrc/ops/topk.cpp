@@ -44,14 +44,6 @@ at::Tensor topk(const at::Tensor& logits, int64_t k, const std::optional<at::Ten
   p.sorted = sorted;
   if (logits.is_cuda()) {
     const c10::cuda::CUDAGuard guard(logits.device());
-    // Scratch of the split (few long rows) regime, from the caching allocator: stream-ordered,
-    // and taken from the graph's private pool under CUDA-graph capture.
-    at::Tensor workspace;
-    if (const int64_t bytes = cuda::topk_workspace_bytes(p); bytes > 0) {
-      workspace = at::empty({bytes}, logits.options().dtype(at::kByte));
-      p.workspace = workspace.data_ptr();
-      p.workspace_bytes = bytes;
-    }
     launch_on_device_of(logits, [&](cudaStream_t s) { return cuda::topk(p, s); });
   } else {
     cpu::topk(p);

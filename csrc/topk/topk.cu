@@ -1,28 +1,35 @@
 // Top-k over row windows of a materialised fp32 logits matrix (k <= 2048): exact radix selection
-// over topk_order_key, deterministic under ties. The selection itself is topk_radix.cuh's.
+// over topk_order_key, deterministic under ties. The device pieces are topk_radix.cuh's.
 //
 // NOTES:
-// - Two regimes, chosen here from R, C and the SM count (plan()):
-//   * Many rows (R >= #SMs, or rows short enough for one block): one block per row, one launch,
-//     no workspace. The row is read once in the common case (pass 1 builds the digit-0
-//     histogram and the candidate list together); see topk_radix.cuh.
-//   * Few long rows (decode): each row is cut into G chunks, one block per chunk selects the
-//     chunk's own top k (same tie rule) into a candidate segment of the workspace; merge launches
-//     then select the top k of up to kMergeFan segments per block, until at most kFinalSegs
-//     segments per row remain and one block per row selects from them into the output. The
-//     row's top k is the top k of its chunks' top ks, and segments keep index order, so the
-//     result is the same set, the same tie resolution and the same output order as one block
-//     per row. No block ever waits for another (no co-residency assumption, no spin); launches
-//     are ordered by the stream, nothing synchronises the host, and every launch is capturable.
-// - Workspace (split regime only; the op layer allocates it with the caching allocator):
-//     R * (G + (G > kFinalSegs ? ceil(G / kMergeFan) : 0)) segments, each kSegCap keys (u32) +
-//     kSegCap columns (u32) + one count (i32), each array 256-byte aligned:
-//     topk_workspace_bytes(). It depends on R and G only (kSegCap = kMaxTopk, whatever k is).
-// - INDEXCACHE_TOPK_SPLIT=<G> forces the chunk count (1 = one block per row): a testing and
-//   tuning override; unset, plan() decides.
+// - One launch, no workspace, whatever the shape: each row is selected by Q CTAs forming one
+//   thread-block cluster (Q = 1: a plain CTA per row). The CTAs of a cluster each stream a
+//   contiguous part of the row and combine their histograms and counts through distributed
+//   shared memory (cluster barriers; the hardware co-schedules a cluster, so they cannot
+//   deadlock). The sorted selection is gathered into rank 0's shared memory and sorted there.
+// - plan_cluster() picks Q: many rows (R >= one CTA per SM slot) take one CTA each; fewer rows
+//   are spread over clusters of up to 16 CTAs (8 where the device cannot place 16: the occupancy
+//   query) as long as every CTA keeps >= kChunkMin columns and the grid fits one wave (two CTAs
+//   per SM).
+// - INDEXCACHE_TOPK_SPLIT=<G> forces Q to the largest power of two <= min(G, max cluster size)
+//   (1 = one CTA per row): a testing and tuning override; unset, plan_cluster() decides.
+// - Flow of one CTA: stream (topk_radix.cuh) -> cluster barrier -> digit-0 search over the
+//   cluster's summed histogram -> per refinement digit: narrow the lists and histogram the next
+//   digit, barrier, search -> count each warp's items above / at the threshold, barrier, prefix
+//   over (rank, warp) -> emit. Every branch between barriers depends on cluster-wide values only.
+// - Measured on H100 (issue 5, CUDA-graph replay, k = 2048, unsorted unless said): 4096 x 128K
+//   1572 us = 1.37 TB/s (sorted 2193 us); 4096 x 32K 689 us = 0.78 TB/s; 64 x 128K 76 us; one 128K
+//   row 20.8 us (sorted 37 us); one 1M row 44.8 us (sorted 61 us). From the two 4096-row shapes, a
+//   CTA spends ~4.7 us per 1024-item warp batch and ~26 us per row outside the stream: neither
+//   HBM-bound nor atomics-bound (taking the coarse-histogram atomics out and adding the L2
+//   prefetch moved them by < 5 %). Leads: the stream loop's per-item predicated appends compile
+//   to ~100 divergent branches (BSSY/BSYNC) per batch; make them branch-free. Profile with Nsight
+//   Compute before anything else, and find why sorting adds ~16 us per row (the sort itself is
+//   ~1000 instructions per thread).
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstdlib>
 
@@ -35,189 +42,270 @@ namespace {
 
 using namespace topk_radix;
 
-constexpr int kMergeFan = 8;        // segments one merge block reads
-constexpr int kFinalSegs = 16;      // at most this many segments go to the final block
-// Split plan, from an H100 sweep of G (INDEXCACHE_TOPK_SPLIT) at k = 2048: one block per row up
-// to 32K columns; chunks of >= 16K columns (1 x 128K: G = 8; 1 x 1M: G = 64); and never more
-// blocks than two per SM in one wave (64 x 128K: G = 4, where G = 5 took a second wave).
-constexpr int64_t kChunkMin = 16384; // columns per chunk, at least, in the split regime
-constexpr int64_t kSplitMinCols = 32768;
-constexpr int kMaxSplit = 1024;
+constexpr int64_t kChunkMin = 4096;  // columns per CTA, at least, when a row is spread
+constexpr int kCtasPerSm = 2;        // __launch_bounds__ below and sizeof(Smem) <= ~113 KB
 constexpr size_t kSmemBytes = sizeof(Smem);
-
-// Candidate segments of one split stage: segment (r, g) lives at r * segs_per_row + g.
-struct SegBuf {
-  uint32_t* keys;
-  uint32_t* idx;
-  int32_t* counts;
-  int64_t segs_per_row;
-
-  __device__ SegOut at(int64_t r, int64_t g) const {
-    const int64_t seg = r * segs_per_row + g;
-    return SegOut{keys + seg * kSegCap, idx + seg * kSegCap, counts + seg};
-  }
-};
+static_assert(kSmemBytes * kCtasPerSm <= 227 * 1024, "two CTAs per SM");
 
 __device__ __forceinline__ Smem& shared_state() {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   return *reinterpret_cast<Smem*>(smem_raw);
 }
 
-// Block (r, g): chunk g of G of row r's window (G = 1: the whole window, straight to the output).
-// One block per job, no grid-stride loop: the loop's live state costs the selection registers.
-template <bool kSplit>
-__global__ void __launch_bounds__(kThreads, 2)
-    topk_logits_kernel(const TopkParams p, int G, SegBuf seg_out) {
+// CTA (row r = blockIdx.x / Q, rank q): slots [q * per_cta, (q + 1) * per_cta) of row r's window.
+__global__ void __launch_bounds__(kThreads, kCtasPerSm) topk_kernel(const TopkParams p, int Q) {
   Smem& s = shared_state();
-  const int64_t r = blockIdx.x / G, g = blockIdx.x % G;
+  const ClusterView cv{Q, Q > 1 ? int(cg::this_cluster().block_rank()) : 0};
+  const int64_t r = blockIdx.x / Q;
+  const int warp = warp_id(), lane = lane_id();
+  const uint32_t k = uint32_t(p.k);
+
   // Device windows are not validated (that would need a host sync): clamp as the CPU does.
   int64_t begin = p.row_starts ? p.row_starts[r] : 0;
   int64_t end = p.row_ends ? p.row_ends[r] : p.C;
   begin = std::min(std::max<int64_t>(begin, 0), p.C);
   end = std::min(std::max(end, begin), p.C);
-  if (kSplit) {
-    const int64_t chunk = ((end - begin + G - 1) / G + 3) / 4 * 4;
-    const int64_t chunk_begin = std::min(begin + g * chunk, end);
-    end = std::min(chunk_begin + chunk, end);
-    begin = chunk_begin;
-  }
-  const LogitsSource src(p.logits + r * p.logits_row_stride, int(begin), int(end));
-  if constexpr (kSplit) {
-    SegOut out = seg_out.at(r, g);
-    select_topk(s, src, end - begin, uint32_t(p.k), out);
-  } else {
-    RowOut out{p.out + r * p.out_row_stride, p.k, p.sorted};
-    select_topk(s, src, end - begin, uint32_t(p.k), out);
-  }
-}
+  const int64_t n_valid = end - begin;
 
-// Block (r, g): segments [g * fan, (g + 1) * fan) of row r's `in` segments (nseg of them).
-template <bool kFinal>
-__global__ void __launch_bounds__(kThreads, 2)
-    topk_merge_kernel(const TopkParams p, SegBuf in, int nseg, int fan, SegBuf seg_out) {
-  Smem& s = shared_state();
-  const int groups = (nseg + fan - 1) / fan;
-  const int64_t r = blockIdx.x / groups, g = blockIdx.x % groups;
-  const int first = int(g) * fan, last = std::min(first + fan, nseg);
-  const int64_t seg = r * in.segs_per_row + first;
-  const CandSource src{in.keys + seg * kSegCap, in.idx + seg * kSegCap, in.counts + seg,
-                       last - first};
-  const int64_t n_valid = src.count_valid();
-  if constexpr (kFinal) {
-    RowOut out{p.out + r * p.out_row_stride, p.k, p.sorted};
-    select_topk(s, src, n_valid, uint32_t(p.k), out);
-  } else {
-    SegOut out = seg_out.at(r, g);
-    select_topk(s, src, n_valid, uint32_t(p.k), out);
+  Slice sl;
+  sl.row = p.logits + r * p.logits_row_stride;
+  sl.begin = int(begin);
+  sl.end = int(end);
+  sl.first = int(begin) - int((reinterpret_cast<uintptr_t>(sl.row + begin) / sizeof(float)) % 4);
+  const int slots = end > begin ? int((end - sl.first + 3) / 4) : 0;
+  sl.full_lo = sl.first < sl.begin ? 1 : 0;
+  sl.full_hi = int((end - sl.first) / 4);
+  const int per_cta = (slots + Q - 1) / Q;
+  const int cta_lo = std::min(cv.q * per_cta, slots);
+  const int cta_hi = std::min(cta_lo + per_cta, slots);
+  const int per_warp = (cta_hi - cta_lo + kWarps - 1) / kWarps;
+  sl.lo = std::min(cta_lo + warp * per_warp, cta_hi);
+  sl.hi = std::min(sl.lo + per_warp, cta_hi);
+
+  for (int i = threadIdx.x; i < 2 * kBins; i += kThreads) (&s.hist[0][0])[i] = 0;
+  if (threadIdx.x == 0) {
+    s.free_pages = ~0ull;
+    s.bound = 0;
   }
-}
+  __syncthreads();
 
-struct Plan {
-  int64_t G;       // chunks per row (1: one block per row, no workspace)
-  int64_t segs_a;  // per row: chunk segments
-  int64_t segs_b;  // per row: first merge level's segments
-};
-
-int num_sms_of_current_device() {
-  int device = 0, sms = 0;
-  if (cudaGetDevice(&device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
-    return 132;
-  }
-  return sms;
-}
-
-Plan plan(const TopkParams& p) {
-  int64_t G = 1;
-  if (const char* forced = std::getenv("INDEXCACHE_TOPK_SPLIT"); forced && *forced) {
-    G = std::clamp<int64_t>(std::atoll(forced), 1, kMaxSplit);
-  } else {
-    const int64_t sms = num_sms_of_current_device();
-    if (p.R > 0 && p.R < sms && p.C > kSplitMinCols) {
-      // At most two blocks per SM (one wave), chunks of at least kChunkMin columns.
-      G = std::min((p.C + kChunkMin - 1) / kChunkMin, std::max<int64_t>(1, 2 * sms / p.R));
-      G = std::clamp<int64_t>(G, 1, kMaxSplit);
+  // A window of <= k items is taken whole, read straight from the slices.
+  Threshold th{n_valid <= int64_t(k), 0, 0};
+  WarpList L{0, 0, th.all, 0};
+  uint32_t k_rem = 0;
+  if (!th.all) {
+    stream_slice(s, cv, sl, L, k);
+    __syncthreads();
+    sum_groups(s, 0, 11);
+    cv.sync();
+    Found f = find_in_cluster(s, cv, 0, 11, k);
+    th.shift = kShift0;
+    th.prefix = f.bin;
+    k_rem = k - f.greater;
+    uint32_t in_bin = f.count;
+    int buf = 0;
+    // Refine while the prefix bin holds more items than are still needed.
+    while (th.shift > 0 && in_bin != k_rem) {
+      const uint32_t next_shift = th.shift > 10 ? 10 : 0;
+      const int bits = int(th.shift - next_shift);
+      buf ^= 1;
+      // Every CTA finished its search over this buffer (two levels ago) before the last barrier.
+      for (int i = threadIdx.x; i < (1 << bits); i += kThreads) s.hist[buf][i] = 0;
+      __syncthreads();
+      uint32_t* hist = s.hist[buf];
+      auto on_eq = [&](uint32_t key) {
+        atomicAdd(&hist[(key >> next_shift) & ((1u << bits) - 1u)], 1u);
+      };
+      // Lists first, so that abandoned ones find the pages the others released.
+      if (!L.global) refine_list(s, L, sl, th.shift, th.prefix, on_eq);
+      __syncthreads();
+      if (L.global) refine_list(s, L, sl, th.shift, th.prefix, on_eq);
+      __syncthreads();
+      sum_groups(s, buf, bits);
+      cv.sync();
+      f = find_in_cluster(s, cv, buf, bits, k_rem);
+      th.prefix = (th.prefix << bits) | f.bin;
+      th.shift = next_shift;
+      k_rem -= f.greater;
+      in_bin = f.count;
     }
   }
-  if (G == 1) return Plan{1, 0, 0};
-  return Plan{G, G, G > kFinalSegs ? (G + kMergeFan - 1) / kMergeFan : 0};
+
+  // Each warp's items above / at the threshold, then their prefix over (rank, warp).
+  uint32_t gt_count = 0, eq_count = 0;
+  for_each_candidate_step(s, L, sl, [&](const uint32_t (&key)[4], const uint32_t (&)[4],
+                                        uint32_t valid) {
+    uint32_t gt, eq;
+    th.classify(key, valid, gt, eq);
+    gt_count += __popc(gt);
+    eq_count += __popc(eq);
+  });
+  gt_count = __reduce_add_sync(kFullMask, gt_count);
+  eq_count = __reduce_add_sync(kFullMask, eq_count);
+  if (lane == 0) {
+    s.warp_gt[warp] = gt_count;
+    s.warp_eq[warp] = eq_count;
+  }
+  cv.sync();
+  uint32_t gt_run = 0, eq_run = 0;
+  const int me = cv.q * kWarps + warp;
+  for (int i = lane; i < me; i += kWarpSize) {
+    gt_run += cv.at(&s.warp_gt[0], i / kWarps)[i % kWarps];
+    eq_run += cv.at(&s.warp_eq[0], i / kWarps)[i % kWarps];
+  }
+  gt_run = __reduce_add_sync(kFullMask, gt_run);
+  eq_run = __reduce_add_sync(kFullMask, eq_run);
+
+  // Emit: position = items above before it + min(items at before it, k_rem).
+  int32_t* out = p.out + r * p.out_row_stride;
+  unsigned long long* sorted = cv.at(&s.sort[0], 0);
+  for_each_candidate_step(s, L, sl, [&](const uint32_t (&key)[4], const uint32_t (&col)[4],
+                                        uint32_t valid) {
+    uint32_t gt, eq;
+    th.classify(key, valid, gt, eq);
+    const uint32_t packed = uint32_t(__popc(gt)) | uint32_t(__popc(eq)) << 16;
+    const uint32_t incl = warp_inclusive_sum(packed);
+    const uint32_t total = __shfl_sync(kFullMask, incl, kWarpSize - 1);
+    uint32_t gt_before = gt_run + ((incl - packed) & 0xFFFFu);
+    uint32_t eq_before = eq_run + ((incl - packed) >> 16);
+#pragma unroll
+    for (int c = 0; c < 4; ++c) {
+      const bool is_gt = (gt >> c) & 1u, is_eq = (eq >> c) & 1u;
+      if (is_gt || (is_eq && eq_before < k_rem)) {
+        const uint32_t pos = gt_before + std::min(eq_before, k_rem);
+        if (p.sorted) {
+          sorted[pos] = (static_cast<unsigned long long>(key[c]) << 32) | ~col[c];
+        } else {
+          out[pos] = int32_t(col[c]);
+        }
+      }
+      gt_before += is_gt;
+      eq_before += is_eq;
+    }
+    gt_run += total & 0xFFFFu;
+    eq_run += total >> 16;
+  });
+
+  // k items were emitted at [0, k), or the whole window when it is shorter.
+  const int count = th.all ? int(n_valid) : int(k);
+  if (!p.sorted) {
+    if (cv.q == 0) {
+      for (int i = count + threadIdx.x; i < int(k); i += kThreads) out[i] = -1;
+    }
+    if (Q > 1) cv.sync();  // no CTA leaves while another may still read its counts
+    return;
+  }
+  cv.sync();
+  if (cv.q != 0) return;
+  // Padding sorts last: a real entry's low word ~column is >= 2^31 > 0.
+  for (int i = count + threadIdx.x; i < kMaxTopk; i += kThreads) s.sort[i] = 0;
+  __syncthreads();
+  unsigned long long v[kSortPer];
+  bitonic_sort_desc(s.sort, v);
+#pragma unroll
+  for (int j = 0; j < kSortPer; ++j) {
+    const int i = kSortPer * threadIdx.x + j;
+    if (i < int(k)) out[i] = i < count ? int32_t(~uint32_t(v[j])) : -1;
+  }
 }
 
-size_t align_up(size_t n) { return (n + 255) / 256 * 256; }
+int current_device() {
+  int device = 0;
+  return cudaGetDevice(&device) == cudaSuccess ? device : 0;
+}
 
-// Workspace layout: keys A | columns A | keys B | columns B | counts A | counts B.
-struct Layout {
-  size_t keys_a, idx_a, keys_b, idx_b, counts_a, counts_b, bytes;
-};
+int num_sms(int device) {
+  int sms = 0;
+  return cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) == cudaSuccess
+             ? sms
+             : 132;
+}
 
-Layout layout(const TopkParams& p, const Plan& pl) {
-  const size_t a = size_t(p.R * pl.segs_a), b = size_t(p.R * pl.segs_b);
-  Layout l{};
-  l.keys_a = 0;
-  l.idx_a = l.keys_a + align_up(a * kSegCap * 4);
-  l.keys_b = l.idx_a + align_up(a * kSegCap * 4);
-  l.idx_b = l.keys_b + align_up(b * kSegCap * 4);
-  l.counts_a = l.idx_b + align_up(b * kSegCap * 4);
-  l.counts_b = l.counts_a + align_up(a * 4);
-  l.bytes = l.counts_b + align_up(b * 4);
-  return l;
+cudaError_t set_attributes() {
+  cudaError_t err = cudaFuncSetAttribute(topk_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         int(kSmemBytes));
+  if (err != cudaSuccess) return err;
+  return cudaFuncSetAttribute(topk_kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
+}
+
+// Largest cluster the device can place with this kernel's resources (16, else the portable 8);
+// asked once per device (a host-side query, no synchronisation).
+int max_cluster_size(int device) {
+  static std::atomic<int> cache[64];  // static storage: zero-initialised
+  std::atomic<int>* slot = device >= 0 && device < 64 ? &cache[device] : nullptr;
+  if (slot != nullptr) {
+    if (const int known = slot->load(std::memory_order_relaxed); known > 0) return known;
+  }
+  int size = 8;
+  if (set_attributes() == cudaSuccess) {
+    cudaLaunchConfig_t cfg{};
+    cudaLaunchAttribute attr{};
+    attr.id = cudaLaunchAttributeClusterDimension;
+    attr.val.clusterDim.x = kMaxCluster;
+    attr.val.clusterDim.y = 1;
+    attr.val.clusterDim.z = 1;
+    cfg.gridDim = dim3(kMaxCluster);
+    cfg.blockDim = dim3(kThreads);
+    cfg.dynamicSmemBytes = kSmemBytes;
+    cfg.attrs = &attr;
+    cfg.numAttrs = 1;
+    int clusters = 0;
+    if (cudaOccupancyMaxActiveClusters(&clusters, topk_kernel, &cfg) == cudaSuccess &&
+        clusters > 0) {
+      size = kMaxCluster;
+    }
+  }
+  (void)cudaGetLastError();  // a refused query is an answer, not an error of this launch
+  if (slot != nullptr) slot->store(size, std::memory_order_relaxed);
+  return size;
+}
+
+int64_t floor_pow2(int64_t x) {
+  int64_t v = 1;
+  while (v * 2 <= x) v *= 2;
+  return v;
+}
+
+int64_t plan_cluster(const TopkParams& p, int device) {
+  const int64_t max_q = max_cluster_size(device);
+  if (const char* forced = std::getenv("INDEXCACHE_TOPK_SPLIT"); forced && *forced) {
+    return floor_pow2(std::clamp<int64_t>(std::atoll(forced), 1, max_q));
+  }
+  const int64_t slots = int64_t(kCtasPerSm) * num_sms(device);
+  int64_t q = 1;
+  while (q * 2 <= max_q && p.R * q * 2 <= slots && p.C >= q * 2 * kChunkMin) q *= 2;
+  return q;
 }
 
 constexpr int64_t kMaxBlocks = (int64_t(1) << 31) - 1;  // gridDim.x
-
-template <class Kernel>
-cudaError_t allow_smem(Kernel kernel) {
-  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                              int(kSmemBytes));
-}
 
 }  // namespace
 
 namespace cuda {
 
-int64_t topk_workspace_bytes(const TopkParams& p) {
-  if (p.R == 0) return 0;
-  const Plan pl = plan(p);
-  return pl.G == 1 ? 0 : int64_t(layout(p, pl).bytes);
-}
-
 cudaError_t topk(const TopkParams& p, cudaStream_t stream) {
   if (p.R == 0) return cudaSuccess;
-  const Plan pl = plan(p);
-  if (p.R * pl.G > kMaxBlocks) return cudaErrorInvalidConfiguration;
-  cudaError_t err;
-  if (pl.G == 1) {
-    if ((err = allow_smem(topk_logits_kernel<false>)) != cudaSuccess) return err;
-    topk_logits_kernel<false><<<unsigned(p.R), kThreads, kSmemBytes, stream>>>(p, 1, SegBuf{});
+  const int64_t Q = plan_cluster(p, current_device());
+  if (p.R * Q > kMaxBlocks) return cudaErrorInvalidConfiguration;
+  cudaError_t err = set_attributes();
+  if (err != cudaSuccess) return err;
+  if (Q == 1) {
+    topk_kernel<<<unsigned(p.R), kThreads, kSmemBytes, stream>>>(p, 1);
     return cudaGetLastError();
   }
-  const Layout l = layout(p, pl);
-  if (p.workspace == nullptr || p.workspace_bytes < int64_t(l.bytes)) return cudaErrorInvalidValue;
-  char* ws = static_cast<char*>(p.workspace);
-  SegBuf a{reinterpret_cast<uint32_t*>(ws + l.keys_a), reinterpret_cast<uint32_t*>(ws + l.idx_a),
-           reinterpret_cast<int32_t*>(ws + l.counts_a), pl.segs_a};
-  SegBuf b{reinterpret_cast<uint32_t*>(ws + l.keys_b), reinterpret_cast<uint32_t*>(ws + l.idx_b),
-           reinterpret_cast<int32_t*>(ws + l.counts_b), pl.segs_b};
-  if ((err = allow_smem(topk_logits_kernel<true>)) != cudaSuccess) return err;
-  if ((err = allow_smem(topk_merge_kernel<false>)) != cudaSuccess) return err;
-  if ((err = allow_smem(topk_merge_kernel<true>)) != cudaSuccess) return err;
-
-  topk_logits_kernel<true><<<unsigned(p.R * pl.G), kThreads, kSmemBytes, stream>>>(p, int(pl.G), a);
-  if ((err = cudaGetLastError()) != cudaSuccess) return err;
-  // Level outputs alternate a -> b -> a: level 2 has ceil(G / fan) <= segs_b segments per row,
-  // level 3 ceil(G / fan^2) <= G.
-  int64_t nseg = pl.G;
-  SegBuf cur = a, other = b;
-  while (nseg > kFinalSegs) {
-    const int64_t groups = (nseg + kMergeFan - 1) / kMergeFan;
-    topk_merge_kernel<false><<<unsigned(p.R * groups), kThreads, kSmemBytes, stream>>>(
-        p, cur, int(nseg), kMergeFan, other);
-    if ((err = cudaGetLastError()) != cudaSuccess) return err;
-    nseg = groups;
-    std::swap(cur, other);
-  }
-  topk_merge_kernel<true><<<unsigned(p.R), kThreads, kSmemBytes, stream>>>(p, cur, int(nseg),
-                                                                          int(nseg), SegBuf{});
+  cudaLaunchConfig_t cfg{};
+  cudaLaunchAttribute attr{};
+  attr.id = cudaLaunchAttributeClusterDimension;
+  attr.val.clusterDim.x = unsigned(Q);
+  attr.val.clusterDim.y = 1;
+  attr.val.clusterDim.z = 1;
+  cfg.gridDim = dim3(unsigned(p.R * Q));
+  cfg.blockDim = dim3(kThreads);
+  cfg.dynamicSmemBytes = kSmemBytes;
+  cfg.stream = stream;
+  cfg.attrs = &attr;
+  cfg.numAttrs = 1;
+  if ((err = cudaLaunchKernelEx(&cfg, topk_kernel, p, int(Q))) != cudaSuccess) return err;
   return cudaGetLastError();
 }
 

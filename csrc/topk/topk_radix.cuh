@@ -1,41 +1,51 @@
-// Device pieces of the radix top-k: one thread block selects the k best items of one stream of
-// (order key, column) items. The stream is a logits window (LogitsSource), the candidate segments
-// an earlier split stage left in the workspace (CandSource) or the block's shared-memory list
-// (ListSource). Torch-free; included by topk.cu only.
+// Device pieces of the radix top-k: the warp-level streaming filter, the per-warp candidate lists
+// in a shared page pool, the bin search, and the sort of the selection. Torch-free; included by
+// topk.cu only, which runs the selection (one CTA, or one thread-block cluster, per row).
 //
 // NOTES:
-// - Exact threshold, never a bounded guess. Digit 0 is the top 11 bits of topk_order_key; the
-//   bin holding the k-th largest key is found from a full histogram, then digits 1 (11 bits) and
-//   2 (10 bits) refine the prefix over the items that share it. After the last digit the k-th key
-//   T is exact; the output is every key > T plus the first (k - #greater) keys == T in index
-//   order. Refinement stops early when the whole prefix bin is taken (#in bin == still needed).
-// - One read of the row in the common case. While the digit-0 histogram is built tile by tile,
-//   items whose digit is >= the running k-th bin (a lower bound of the final bin: it only rises
-//   as more of the row is seen) are appended, in index order, to a list in shared memory
-//   (kListCap items). Refinement and the final selection then run on that list. If the list
-//   would overflow even after compacting it to the current running bin (many near-equal keys in
-//   one coarse bin, the peers' silent-overflow case), it is abandoned, and the refinement reads
-//   the row again (a histogram pass per digit) until the exact count of items at or above the
-//   refined prefix fits the list (then one more read collects them), or the key is fully
-//   resolved. Every decision is taken on exact counts, so no path can drop an item.
-// - Columns are int32 (the op checks C < 2^31); the per-item arithmetic assumes C < 2^31 - 2^13.
-// - Measured on H100 (issue 5): one block takes ~2.5 us per 4096-item tile (1 x 1M row in one
-//   block: 659 us), and 4096 x 128K reaches ~1.08 TB/s, so the kernel is bound by the per-tile
-//   latency chain (two barriers, the rank scans, the running-bin walk, a register prefetch that
-//   may not overlap at 128 registers), not by HBM. Next step: a barrier-free pass 1 (each warp
-//   streams its own sub-range into its own sub-list; a racy read of the histogram still gives a
-//   valid lower bound, as counts only grow) fed by cp.async/TMA stages in shared memory.
-// - Determinism: all counts are integers (order-free atomics), and every write position comes
-//   from a block-wide prefix count in index order (rank_tile), never from an atomic. Output is
-//   therefore in ascending column order (unsorted) or by (value desc, column asc) (sorted),
-//   bit-identical run to run, and -1 padded when the window holds fewer than k items.
-// - Item order inside a tile: thread t holds slots tile * kTileSlots + j * kThreads + t
-//   (j = 0..3), 4 consecutive items per slot, so a warp's float4 loads are coalesced and the
-//   index order is (j, thread, item): rank_tile counts in exactly that order.
-// - Loads never leave the window: a 4-item slot is read as one float4 only when it lies wholly
-//   inside [begin, end); the partial slots at both ends are read item by item.
+// - Work split: a row window is cut into float4 slots; a CTA (cluster rank q) takes a contiguous
+//   range of slots and each of its warps a contiguous sub-range (its slice). Warps never wait for
+//   one another while streaming: every warp reads its slice in batches of kUnroll float4 loads
+//   per lane (the next batch in registers, two more prefetched into L2 by the TMA unit), keeps
+//   the items whose digit 0 (top 11 bits of topk_order_key) is >= the CTA's running bound, and
+//   appends them, in index order, to its own list. Lists live in fixed pages of a shared pool,
+//   so one warp can hold many candidates (a skewed row) while the others hold few.
+// - The first batch of every warp is counted whole, then one cluster barrier: the bound starts
+//   from the cluster's counts, so first batches do not flood the pool (for one 128K row over 16
+//   CTAs the first batch is the whole row, and the lists receive only the final digit-0 bin and
+//   above).
+// - The running bound is a lower bound of the row's k-th key: a bin b such that the digit-0
+//   histogram of the candidates counted so far has >= k items in bins >= b. Counts only grow, so
+//   a racy read of the histogram (other warps add to it concurrently) still gives a valid bound;
+//   every warp raises it (atomicMax) after a batch that added candidates. Items below the bound
+//   are never needed: a list is compacted against the bound when it rose, or when the pool is
+//   full. The histogram keeps the counts of dropped items, which all sit in bins below the final
+//   bound, where no search ever goes (the search starts from the top and stops at the first bin
+//   where the suffix count reaches k, which is >= any valid bound).
+// - Never a silently wrong set: a warp that cannot get a page even after compacting abandons its
+//   list (`global`) and keeps counting its items; the later passes re-read its slice from global
+//   memory (and try to collect it into pages again at each refinement level). All decisions are
+//   taken on exact counts; the lists are only a cache of the items that can still be selected.
+// - Exactness: after the stream, for every bin >= the CTA's final bound, the histogram counts every
+//   item of the CTA's range in that bin (an item of such a bin was >= the bound whenever it was
+//   seen, and is never dropped). The search over the (cluster-summed) histogram therefore finds
+//   the bin of the k-th key exactly; digits 1 (11 bits) and 2 (10 bits) are then histogrammed
+//   over the lists' items that share the prefix, and the k-th key T is exact. The output is every
+//   key > T plus the first (k - #greater) keys == T in index order. Refinement stops early when
+//   the whole prefix bin is taken.
+// - Determinism: counts are integers (order-free atomics); write positions come from index-order
+//   ranks (warp scans within a slice, slice prefix counts across warps and CTAs), never from
+//   atomics. Which pages a list uses and when the bound rises depend on timing, but not the set,
+//   its order (ascending column, or (value desc, column asc) when sorted), or the -1 padding.
+// - Histogram searches read a 32-group coarse histogram first, so one warp finds a bin with two
+//   scans, also across a cluster through distributed shared memory (all CTAs' loads in flight at
+//   once). The groups are summed from the fine counts when needed, never kept by atomics: keys
+//   crowd a few groups (normal logits: two), where same-address atomics serialise.
+// - Loads never leave the window: a slot is read as one float4 only when it lies wholly inside
+//   [begin, end); the partial slots at both ends are read item by item.
 #pragma once
 
+#include <cooperative_groups.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -47,41 +57,31 @@
 namespace indexcache {
 namespace topk_radix {
 
-constexpr int kThreads = 256;  // two blocks per SM: <= 128 registers, 2 x ~89 KB shared memory
-constexpr int kWarps = kThreads / kWarpSize;
-constexpr int kSlotItems = 4;
-constexpr int kSlotsPerThread = 4;
-constexpr int kItemsPerThread = kSlotItems * kSlotsPerThread;  // 16
-constexpr int kTileSlots = kThreads * kSlotsPerThread;          // 1024
-constexpr int kTileItems = kTileSlots * kSlotItems;             // 4096
-constexpr int kListCap = 8192;                                  // list items (key + column)
-constexpr int kSegCap = kMaxTopk;   // items per candidate segment of the split path
-constexpr int kSegSlots = kSegCap / kSlotItems;
-constexpr int kBins = 2048;         // digits 0 and 1: 11 bits; digit 2: 10 bits
-constexpr uint32_t kShift0 = 21;
+namespace cg = cooperative_groups;
 
-static_assert(kWarps <= kWarpSize, "warp totals are scanned by one warp");
-static_assert(kBins % kThreads == 0, "find_bin gives every thread the same number of bins");
-static_assert(kSlotsPerThread <= 4, "rank_tile packs one 8-bit count per slot in a word");
-static_assert(kListCap % kSlotItems == 0 && kSegCap % kSlotItems == 0, "whole slots");
+constexpr int kThreads = 256;  // two CTAs per SM: <= 128 registers, 2 x ~100 KB shared memory
+constexpr int kWarps = kThreads / kWarpSize;
+constexpr int kUnroll = 8;                          // float4 loads in flight per lane
+constexpr int kBatchSlots = kUnroll * kWarpSize;    // 256 slots = 1024 items per warp batch
+constexpr int kPageItems = 4 * kWarpSize;           // a page is one step: 4 entries per lane
+constexpr int kPages = 64;                          // one bit each in Smem::free_pages
+constexpr int kBins = 2048;                         // digits 0 and 1: 11 bits; digit 2: 10 bits
+constexpr int kGroups = kWarpSize;                  // coarse histogram: one group per lane
+constexpr uint32_t kShift0 = 21;
+constexpr uint32_t kFullMask = 0xFFFFFFFFu;
+constexpr int kMaxCluster = 16;  // CTAs per row at most (a non-portable cluster size)
 
 struct Smem {
-  uint32_t list_key[kListCap];
-  uint32_t list_idx[kListCap];
-  unsigned long long sort[kMaxTopk];  // (key << 32 | ~column) of the selection when sorted
-  uint32_t hist[kBins];
-  uint32_t tot[2][kWarps];  // rank_tile's per-warp totals, double-buffered
-  uint32_t scan[kWarps];
-  uint32_t run_bin;         // pass 1: bin of the k-th largest key seen so far
-  uint32_t run_cnt;         // pass 1: number of keys seen so far whose digit 0 >= run_bin
-  uint32_t found[3];        // find_bin's answer
-};
-
-// A thread's 16 items of one tile; bit i of `valid` (i = j * 4 + item) says whether item i exists.
-struct Tile {
-  uint32_t key[kItemsPerThread];
-  uint32_t idx[kItemsPerThread];
-  uint32_t valid;
+  unsigned long long pool[kPages * kPageItems];  // list entries: (key << 32) | column
+  unsigned long long sort[kMaxTopk];             // (key << 32 | ~column) of the selection (rank 0)
+  uint32_t hist[2][kBins];                       // double-buffered across refinement levels
+  uint32_t groups[2][kGroups];                   // coarse histograms: bin >> (digit bits - 5)
+  unsigned long long free_pages;                 // bit p set: page p is free
+  uint32_t bound;                                // streaming: digit-0 lower bound of the k-th key
+  uint32_t warp_gt[kWarps];                      // emission: items above / at the threshold
+  uint32_t warp_eq[kWarps];
+  uint32_t found[3];                             // warp 0's bin search, for the whole CTA
+  uint8_t ptab[kWarps][kPages];                  // page table of each warp's list
 };
 
 __device__ __forceinline__ int lane_id() { return threadIdx.x % kWarpSize; }
@@ -90,555 +90,710 @@ __device__ __forceinline__ int warp_id() { return threadIdx.x / kWarpSize; }
 __device__ __forceinline__ uint32_t warp_inclusive_sum(uint32_t x) {
 #pragma unroll
   for (int offset = 1; offset < kWarpSize; offset *= 2) {
-    const uint32_t y = __shfl_up_sync(0xFFFFFFFFu, x, offset);
+    const uint32_t y = __shfl_up_sync(kFullMask, x, offset);
     if (lane_id() >= offset) x += y;
   }
   return x;
 }
 
-// Exclusive prefix sum of x over the block in thread order; total gets the block's sum.
-// Two barriers; `scratch` is free again after the caller's next barrier.
-__device__ __forceinline__ uint32_t block_exclusive_sum(uint32_t x, uint32_t* scratch,
-                                                        uint32_t& total) {
-  const uint32_t incl = warp_inclusive_sum(x);
-  if (lane_id() == kWarpSize - 1) scratch[warp_id()] = incl;
-  __syncthreads();
-  const uint32_t w = warp_inclusive_sum(lane_id() < kWarps ? scratch[lane_id()] : 0u);
-  total = __shfl_sync(0xFFFFFFFFu, w, kWarpSize - 1);
-  const uint32_t before = __shfl_sync(0xFFFFFFFFu, w, (warp_id() + kWarpSize - 1) % kWarpSize);
-  return (warp_id() == 0 ? 0u : before) + incl - x;
+__device__ __forceinline__ uint32_t byte_of(uint32_t word, int i) {
+  return (word >> (8 * i)) & 0xFFu;
 }
 
-// Ranks of a tile's flagged items in tile order. base[j] is the number of flagged items of the
-// tile before this thread's slot j; an item's rank adds the flagged items before it in the slot.
-struct TileRank {
-  uint32_t base[kSlotsPerThread];
-  uint32_t total;
-};
+// The smallest float x with (topk_order_key(x) >> kShift0) >= bin, for bin >= 1: for non-NaN x the
+// digit test equals x >= bin_floor(bin) (denormals kept: the kernels are built without -ftz), and
+// NaN (key 0, bin 0) fails both. Bins 1..3 hold no key but -inf's (0x007FFFFF).
+INDEXCACHE_HOST_DEVICE float bin_floor(uint32_t bin) {
+  const uint32_t b = bin << kShift0;
+  if (b >= 0x80000000u) return bits_as_float(b & 0x7FFFFFFFu);
+  if (b < 0x00800000u) return bits_as_float(0xFF800000u);
+  return bits_as_float(~b);
+}
 
-// One barrier. `tot` alternates between the two Smem::tot buffers on consecutive calls: the
-// buffer read after this call's barrier is written again only two calls later, i.e. after every
-// thread has passed the barrier of the call in between.
-__device__ __forceinline__ TileRank rank_tile(uint32_t mask, uint32_t* tot) {
-  // Per-slot counts (<= 4) packed in 8-bit fields: a warp's sum per field is <= 128.
-  uint32_t packed = 0;
-#pragma unroll
-  for (int j = 0; j < kSlotsPerThread; ++j) packed |= uint32_t(__popc((mask >> (4 * j)) & 0xFu)) << (8 * j);
-  const uint32_t incl = warp_inclusive_sum(packed);
-  const uint32_t excl = incl - packed;
-  if (lane_id() == kWarpSize - 1) tot[warp_id()] = incl;
-  __syncthreads();
-  // Block level: fields widened to 16 bits (block sum per field <= 4 * kThreads), two per word.
-  const uint32_t w = lane_id() < kWarps ? tot[lane_id()] : 0u;
-  const int prev = (warp_id() + kWarpSize - 1) % kWarpSize;
-  TileRank r;
-  uint32_t running = 0;
-#pragma unroll
-  for (int pair = 0; pair < (kSlotsPerThread + 1) / 2; ++pair) {
-    const uint32_t fields = (w >> (16 * pair)) & 0xFFFFu;
-    const uint32_t incl_pair = warp_inclusive_sum((fields & 0xFFu) | (fields >> 8) << 16);
-    const uint32_t all = __shfl_sync(0xFFFFFFFFu, incl_pair, kWarpSize - 1);
-    const uint32_t before = warp_id() == 0 ? 0u : __shfl_sync(0xFFFFFFFFu, incl_pair, prev);
-#pragma unroll
-    for (int half = 0; half < 2; ++half) {
-      const int j = 2 * pair + half;
-      if (j < kSlotsPerThread) {
-        r.base[j] = running + ((before >> (16 * half)) & 0xFFFFu) + ((excl >> (8 * j)) & 0xFFu);
-        running += (all >> (16 * half)) & 0xFFFFu;
-      }
+// ---- cluster view ----------------------------------------------------------------------------
+
+// The CTAs selecting one row: Q of them, this one has rank q. Q = 1 uses no cluster instruction.
+struct ClusterView {
+  int Q, q;
+
+  template <class T>
+  __device__ T* at(T* p, int rank) const {
+    return Q > 1 ? cg::this_cluster().map_shared_rank(p, rank) : p;
+  }
+  __device__ void sync() const {
+    if (Q > 1) {
+      cg::this_cluster().sync();
+    } else {
+      __syncthreads();
     }
   }
-  r.total = running;
-  return r;
-}
+};
 
-// Rank of item i among the flagged items of the tile (valid for flagged and unflagged i alike:
-// the number of flagged items before it).
-__device__ __forceinline__ uint32_t item_rank(const TileRank& r, uint32_t mask, int i) {
-  const int j = i / kSlotItems, c = i % kSlotItems;
-  return r.base[j] + __popc((mask >> (4 * j)) & ((1u << c) - 1u));
-}
+// ---- a warp's slice of the row ---------------------------------------------------------------
 
-// ---- item sources ---------------------------------------------------------------------------
-
-// Columns [begin, end) of one logits row; `row` points at column 0. Columns fit in int32 (the
-// op checks C < 2^31), so the per-item arithmetic is 32-bit.
-struct LogitsSource {
-  static constexpr bool kPrefetch = true;
-  struct Raw {
-    float4 v[kSlotsPerThread];
-  };
+// Float4 slots [lo, hi) of one row: slot j holds columns first + 4j .. first + 4j + 3, of which
+// those in [begin, end) exist; slots [full_lo, full_hi) lie wholly inside. Columns < 2^31 (the
+// op checks C), so they fit uint32; slot * 4 may not fit int32, hence the 64-bit offsets.
+struct Slice {
   const float* row;
-  int begin, end;
-  int first;  // column of slot 0: begin rounded down to a 16-byte boundary (may be < 0)
-  int slots;
+  int begin, end, first;
+  int lo, hi;
+  int full_lo, full_hi;
 
-  __device__ LogitsSource(const float* row_, int begin_, int end_)
-      : row(row_), begin(begin_), end(end_) {
-    first = begin - int((reinterpret_cast<uintptr_t>(row + begin) / sizeof(float)) % 4);
-    slots = end > begin ? (end - first + kSlotItems - 1) / kSlotItems : 0;
+  __device__ uint32_t column(int slot, int c) const {
+    return uint32_t(first) + 4u * uint32_t(slot) + uint32_t(c);
   }
-  __device__ int num_slots() const { return slots; }
-
-  __device__ void load(int tile, Raw& raw) const {
+  // Loads one slot (zeros where no item exists); returns the mask of existing items.
+  __device__ uint32_t load(int slot, float4& v) const {
+    v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    if (slot >= hi) return 0u;
+    const int64_t col0 = int64_t(first) + 4 * int64_t(slot);
+    if (slot >= full_lo && slot < full_hi) {
+      v = __ldg(reinterpret_cast<const float4*>(row + col0));
+      return 0xFu;
+    }
+    float x[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    uint32_t m = 0;
 #pragma unroll
-    for (int j = 0; j < kSlotsPerThread; ++j) {
-      const int slot = tile * kTileSlots + j * kThreads + threadIdx.x;
-      const int col = first + slot * kSlotItems;
-      if (slot >= slots) continue;
-      if (col >= begin && col + kSlotItems <= end) {
-        raw.v[j] = __ldg(reinterpret_cast<const float4*>(row + col));
-      } else {
-        float x[kSlotItems];
-#pragma unroll
-        for (int c = 0; c < kSlotItems; ++c) {
-          x[c] = (col + c >= begin && col + c < end) ? __ldg(row + col + c) : 0.0f;
-        }
-        raw.v[j] = make_float4(x[0], x[1], x[2], x[3]);
+    for (int c = 0; c < 4; ++c) {
+      if (col0 + c >= begin && col0 + c < end) {
+        x[c] = __ldg(row + col0 + c);
+        m |= 1u << c;
       }
     }
+    v = make_float4(x[0], x[1], x[2], x[3]);
+    return m;
   }
-
-  __device__ void decode(int tile, const Raw& raw, Tile& t) const {
-    t.valid = 0;
+  // Whether the batch of slots [s0, s0 + kBatchSlots) lies wholly inside the slice and window.
+  __device__ __forceinline__ bool full_batch(int s0) const {
+    return s0 >= full_lo && s0 + kBatchSlots <= min(hi, full_hi);
+  }
+  // Loads slots s0 + 32 u + lane (u < kUnroll) of a full batch.
+  __device__ __forceinline__ void load_full_batch(int s0, float4 (&v)[kUnroll]) const {
+    const float4* p =
+        reinterpret_cast<const float4*>(row + (int64_t(first) + 4 * int64_t(s0))) + lane_id();
 #pragma unroll
-    for (int j = 0; j < kSlotsPerThread; ++j) {
-      const int slot = tile * kTileSlots + j * kThreads + threadIdx.x;
-      const int col = first + slot * kSlotItems;
-      const float x[kSlotItems] = {raw.v[j].x, raw.v[j].y, raw.v[j].z, raw.v[j].w};
-#pragma unroll
-      for (int c = 0; c < kSlotItems; ++c) {
-        const int i = j * kSlotItems + c;
-        t.key[i] = topk_order_key(x[c]);
-        t.valid |= uint32_t(col + c >= begin && col + c < end) << i;
-      }
+    for (int u = 0; u < kUnroll; ++u) v[u] = __ldg(p + u * kWarpSize);
+  }
+  // Lane 0: asks the TMA unit to bring the batch's whole slots into L2 (one instruction; no
+  // registers held while it is in flight).
+  __device__ __forceinline__ void prefetch_l2(int s0) const {
+    const int a = max(s0, full_lo), e = min(min(s0 + kBatchSlots, hi), full_hi);
+    if (e > a) {
+      asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(
+                       row + (int64_t(first) + 4 * int64_t(a))),
+                   "r"(uint32_t(e - a) * 16u)
+                   : "memory");
     }
   }
-  // Columns are recomputed rather than carried in the tile (registers).
-  __device__ uint32_t column(int tile, const Tile&, int i) const {
-    const int slot = tile * kTileSlots + (i / kSlotItems) * kThreads + threadIdx.x;
-    return uint32_t(first + slot * kSlotItems + i % kSlotItems);
+  // Loads slots s0 + 32 u + lane (u < kUnroll); returns the existence mask, bit 4 u + c.
+  __device__ __forceinline__ uint32_t load_batch(int s0, float4 (&v)[kUnroll]) const {
+    if (full_batch(s0)) {
+      load_full_batch(s0, v);
+      return kFullMask;
+    }
+    uint32_t valid = 0;
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      valid |= load(s0 + u * kWarpSize + lane_id(), v[u]) << (4 * u);
+    }
+    return valid;
   }
 };
 
-// Candidate segments of one row left by a split stage: segment s holds counts[s] (<= kSegCap)
-// items in index order, and the segments follow each other in index order.
-struct CandSource {
-  static constexpr bool kPrefetch = false;
-  using Raw = Tile;
-  const uint32_t* keys;  // [segments, kSegCap]
-  const uint32_t* idx;   // [segments, kSegCap]
-  const int32_t* counts; // [segments]
-  int segments;
-
-  __device__ int num_slots() const { return segments * kSegSlots; }
-
-  __device__ void load(int tile, Tile& t) const {
-    t.valid = 0;
+// Calls f(key[4], col[4], valid) for each step (32 slots; lane holds slot step * 32 + lane) of the
+// slice, in index order, with kUnroll steps' loads in flight.
+template <class F>
+__device__ void for_each_slice_step(const Slice& sl, F&& f) {
+  const int lane = lane_id();
+  for (int s0 = sl.lo; s0 < sl.hi; s0 += kBatchSlots) {
+    float4 v[kUnroll];
+    const uint32_t valid = sl.load_batch(s0, v);
 #pragma unroll
-    for (int j = 0; j < kSlotsPerThread; ++j) {
-      const int slot = tile * kTileSlots + j * kThreads + threadIdx.x;
-      if (slot >= num_slots()) continue;
-      const int in_seg = int(slot % kSegSlots) * kSlotItems;
-      const int count = counts[slot / kSegSlots];
-      if (in_seg >= count) continue;
-      if (in_seg + kSlotItems <= count) {
-        const uint4 k4 = __ldg(reinterpret_cast<const uint4*>(keys) + slot);
-        const uint4 i4 = __ldg(reinterpret_cast<const uint4*>(idx) + slot);
-        t.key[4 * j] = k4.x, t.key[4 * j + 1] = k4.y, t.key[4 * j + 2] = k4.z, t.key[4 * j + 3] = k4.w;
-        t.idx[4 * j] = i4.x, t.idx[4 * j + 1] = i4.y, t.idx[4 * j + 2] = i4.z, t.idx[4 * j + 3] = i4.w;
-        t.valid |= 0xFu << (4 * j);
-      } else {
+    for (int u = 0; u < kUnroll; ++u) {
+      if (s0 + u * kWarpSize >= sl.hi) break;  // warp-uniform
+      const float x[4] = {v[u].x, v[u].y, v[u].z, v[u].w};
+      uint32_t key[4], col[4];
 #pragma unroll
-        for (int c = 0; c < kSlotItems; ++c) {
-          if (in_seg + c < count) {
-            t.key[4 * j + c] = __ldg(keys + slot * kSlotItems + c);
-            t.idx[4 * j + c] = __ldg(idx + slot * kSlotItems + c);
-            t.valid |= 1u << (4 * j + c);
-          }
-        }
+      for (int c = 0; c < 4; ++c) {
+        key[c] = topk_order_key(x[c]);
+        col[c] = sl.column(s0 + u * kWarpSize + lane, c);
       }
-    }
-  }
-  __device__ void decode(int, const Tile& raw, Tile& t) const { t = raw; }
-  __device__ uint32_t column(int, const Tile& t, int i) const { return t.idx[i]; }
-
-  __device__ int64_t count_valid() const {
-    int64_t n = 0;
-    for (int s = 0; s < segments; ++s) n += counts[s];
-    return n;
-  }
-};
-
-// The first `count` entries of the shared-memory list.
-struct ListSource {
-  static constexpr bool kPrefetch = false;
-  using Raw = Tile;
-  const Smem* s;
-  uint32_t count;
-
-  __device__ int num_slots() const { return int(count + kSlotItems - 1) / kSlotItems; }
-
-  __device__ void load(int tile, Tile& t) const {
-    t.valid = 0;
-#pragma unroll
-    for (int j = 0; j < kSlotsPerThread; ++j) {
-      const int slot = tile * kTileSlots + j * kThreads + threadIdx.x;
-      if (slot >= num_slots()) continue;
-      const uint4 k4 = reinterpret_cast<const uint4*>(s->list_key)[slot];
-      const uint4 i4 = reinterpret_cast<const uint4*>(s->list_idx)[slot];
-      t.key[4 * j] = k4.x, t.key[4 * j + 1] = k4.y, t.key[4 * j + 2] = k4.z, t.key[4 * j + 3] = k4.w;
-      t.idx[4 * j] = i4.x, t.idx[4 * j + 1] = i4.y, t.idx[4 * j + 2] = i4.z, t.idx[4 * j + 3] = i4.w;
-#pragma unroll
-      for (int c = 0; c < kSlotItems; ++c) {
-        t.valid |= uint32_t(slot * kSlotItems + c < count) << (4 * j + c);
-      }
-    }
-  }
-  __device__ void decode(int, const Tile& raw, Tile& t) const { t = raw; }
-  __device__ uint32_t column(int, const Tile& t, int i) const { return t.idx[i]; }
-};
-
-// Calls f(tile number, tile) for every tile of the source in order, prefetching the next tile
-// into registers where the source is global memory; stops early when f returns false. Every
-// thread of the block runs the same iterations (f may hold barriers).
-template <class Src, class F>
-__device__ __forceinline__ void for_each_tile(const Src& src, F&& f) {
-  const int tiles = (src.num_slots() + kTileSlots - 1) / kTileSlots;
-  if constexpr (Src::kPrefetch) {
-    typename Src::Raw cur, next;
-    if (tiles > 0) src.load(0, cur);
-    for (int t = 0; t < tiles; ++t) {
-      if (t + 1 < tiles) src.load(t + 1, next);
-      Tile tile;
-      src.decode(t, cur, tile);
-      if (!f(t, tile)) break;
-      cur = next;
-    }
-  } else {
-    for (int t = 0; t < tiles; ++t) {
-      Tile tile;
-      src.load(t, tile);
-      if (!f(t, tile)) break;
+      f(key, col, (valid >> (4 * u)) & 0xFu);
     }
   }
 }
 
-// ---- selection steps ------------------------------------------------------------------------
+// ---- per-warp candidate lists in the page pool -----------------------------------------------
 
-template <class Src>
-__device__ __forceinline__ void write_to_list(Smem& s, const Src& src, int tile, const Tile& t,
-                                              uint32_t mask, const TileRank& r, uint32_t offset) {
-#pragma unroll
-  for (int i = 0; i < kItemsPerThread; ++i) {
-    if ((mask >> i) & 1u) {
-      const uint32_t pos = offset + item_rank(r, mask, i);
-      s.list_key[pos] = t.key[i];
-      s.list_idx[pos] = src.column(tile, t, i);
+// Warp-uniform state of one warp's list (registers; the page table is in shared memory).
+struct WarpList {
+  uint32_t n;       // entries, in index order
+  int npages;       // pages held: ptab[warp][0, npages)
+  bool global;      // abandoned: the candidates are re-read from the slice
+  uint32_t cbound;  // streaming: the bound the list was last compacted against
+};
+
+__device__ __forceinline__ uint32_t phys(const Smem& s, uint32_t pos) {
+  return uint32_t(s.ptab[warp_id()][pos / kPageItems]) * kPageItems + pos % kPageItems;
+}
+
+// Lane 0 only: takes up to `want` free pages into the warp's page table from index `at`; returns
+// how many it got (fewer only when the pool ran out). Warps start their search at different bits
+// so that they rarely race for the same page.
+__device__ int take_pages(Smem& s, int at, int want) {
+  const int rot = warp_id() * (kPages / kWarps);
+  int got = 0;
+  while (got < want) {
+    const unsigned long long free = *reinterpret_cast<volatile unsigned long long*>(&s.free_pages);
+    if (free == 0) break;
+    unsigned long long rotated = rot ? (free >> rot) | (free << (kPages - rot)) : free, pick = 0;
+    for (int i = got; i < want && rotated != 0; ++i) {
+      pick |= rotated & (~rotated + 1);  // lowest set bit
+      rotated &= rotated - 1;
     }
+    pick = rot ? (pick << rot) | (pick >> (kPages - rot)) : pick;
+    for (unsigned long long mine = atomicAnd(&s.free_pages, ~pick) & pick; mine != 0;
+         mine &= mine - 1) {
+      s.ptab[warp_id()][at + got++] = uint8_t(__ffsll(static_cast<long long>(mine)) - 1);
+    }
+  }
+  return got;
+}
+
+// Makes the list hold pages for `need` entries; false when the pool ran out (pages taken stay).
+__device__ bool reserve(Smem& s, WarpList& L, uint32_t need) {
+  const int want = int((need + kPageItems - 1) / kPageItems) - L.npages;
+  if (want <= 0) return true;
+  int got = 0;
+  if (lane_id() == 0) got = take_pages(s, L.npages, min(want, kPages - L.npages));
+  got = __shfl_sync(kFullMask, got, 0);
+  __syncwarp();  // lane 0's page-table writes before any lane's phys()
+  L.npages += got;
+  return got == want;
+}
+
+// Returns the list's pages from index `keep` on to the pool.
+__device__ void release_pages(Smem& s, WarpList& L, int keep) {
+  __syncwarp();  // every lane is done with the pages
+  if (lane_id() == 0 && keep < L.npages) {
+    unsigned long long bits = 0;
+    for (int j = keep; j < L.npages; ++j) bits |= 1ull << s.ptab[warp_id()][j];
+    __threadfence_block();
+    atomicOr(&s.free_pages, bits);
+  }
+  L.npages = min(L.npages, keep);
+}
+
+__device__ __forceinline__ void abandon(Smem& s, WarpList& L) {
+  release_pages(s, L, 0);
+  L.n = 0;
+  L.global = true;
+}
+
+// Step j of the list (entries 128 j + 4 lane + c); returns the mask of existing entries.
+__device__ __forceinline__ uint32_t read_list_step(const Smem& s, const WarpList& L, int j,
+                                                   uint32_t (&key)[4], uint32_t (&col)[4]) {
+  const uint32_t pos = uint32_t(j) * kPageItems + 4u * uint32_t(lane_id());
+  if (pos >= L.n) {
+#pragma unroll
+    for (int c = 0; c < 4; ++c) key[c] = col[c] = 0;
+    return 0u;
+  }
+  const ulonglong2* p = reinterpret_cast<const ulonglong2*>(
+      &s.pool[uint32_t(s.ptab[warp_id()][j]) * kPageItems + 4u * uint32_t(lane_id())]);
+  const ulonglong2 a = p[0], b = p[1];
+  const unsigned long long e[4] = {a.x, a.y, b.x, b.y};
+#pragma unroll
+  for (int c = 0; c < 4; ++c) {
+    key[c] = uint32_t(e[c] >> 32);
+    col[c] = uint32_t(e[c]);
+  }
+  const uint32_t left = L.n - pos;
+  return left >= 4 ? 0xFu : (1u << left) - 1u;
+}
+
+// Appends the flagged items (4 per lane, index order lane-major) to the list; false, with nothing
+// written, when no page could be had.
+__device__ bool append(Smem& s, WarpList& L, const uint32_t (&key)[4], const uint32_t (&col)[4],
+                       uint32_t m) {
+  const uint32_t cnt = __popc(m);
+  const uint32_t incl = warp_inclusive_sum(cnt);
+  const uint32_t total = __shfl_sync(kFullMask, incl, kWarpSize - 1);
+  if (total == 0) return true;
+  if (!reserve(s, L, L.n + total)) return false;
+  uint32_t pos = L.n + incl - cnt;
+#pragma unroll
+  for (int c = 0; c < 4; ++c) {
+    if ((m >> c) & 1u) {
+      s.pool[phys(s, pos)] = (static_cast<unsigned long long>(key[c]) << 32) | col[c];
+      ++pos;
+    }
+  }
+  __syncwarp();
+  L.n += total;
+  return true;
+}
+
+// In-place, order-keeping compaction of the list to the entries with (key >> shift) >= prefix;
+// on_eq(key) is called for each entry with (key >> shift) == prefix. Safe in place: an entry
+// only moves down, and a step is wholly read before any lane writes.
+template <class OnEq>
+__device__ void narrow_list(Smem& s, WarpList& L, uint32_t shift, uint32_t prefix, OnEq&& on_eq) {
+  uint32_t kept = 0;
+  const int steps = int((L.n + kPageItems - 1) / kPageItems);
+  for (int j = 0; j < steps; ++j) {
+    uint32_t key[4], col[4];
+    const uint32_t valid = read_list_step(s, L, j, key, col);
+    uint32_t m = 0;
+#pragma unroll
+    for (int c = 0; c < 4; ++c) {
+      const uint32_t d = key[c] >> shift;
+      if ((valid >> c) & 1u) {
+        m |= uint32_t(d >= prefix) << c;
+        if (d == prefix) on_eq(key[c]);
+      }
+    }
+    const uint32_t cnt = __popc(m);
+    const uint32_t incl = warp_inclusive_sum(cnt);
+    const uint32_t total = __shfl_sync(kFullMask, incl, kWarpSize - 1);
+    __syncwarp();
+    uint32_t pos = kept + incl - cnt;
+#pragma unroll
+    for (int c = 0; c < 4; ++c) {
+      if ((m >> c) & 1u) {
+        s.pool[phys(s, pos)] = (static_cast<unsigned long long>(key[c]) << 32) | col[c];
+        ++pos;
+      }
+    }
+    kept += total;
+  }
+  L.n = kept;
+  release_pages(s, L, int((kept + kPageItems - 1) / kPageItems));
+}
+
+// Calls f(key[4], col[4], valid) for each step of the warp's candidates, in index order.
+template <class F>
+__device__ void for_each_candidate_step(const Smem& s, const WarpList& L, const Slice& sl, F&& f) {
+  if (L.global) {
+    for_each_slice_step(sl, f);
+    return;
+  }
+  const int steps = int((L.n + kPageItems - 1) / kPageItems);
+  for (int j = 0; j < steps; ++j) {
+    uint32_t key[4], col[4];
+    const uint32_t valid = read_list_step(s, L, j, key, col);
+    f(key, col, valid);
   }
 }
 
-// Items with (key >> shift) >= prefix as a mask over the tile.
-__device__ __forceinline__ uint32_t at_or_above(const Tile& t, uint32_t shift, uint32_t prefix) {
-  uint32_t m = 0;
-#pragma unroll
-  for (int i = 0; i < kItemsPerThread; ++i) m |= uint32_t((t.key[i] >> shift) >= prefix) << i;
-  return m & t.valid;
-}
+// ---- bin search ------------------------------------------------------------------------------
 
 struct Found {
   uint32_t bin;      // the bin holding the k_rem-th largest counted item
   uint32_t greater;  // counted items in higher bins (< k_rem)
-  uint32_t count;    // items in `bin` (greater + count >= k_rem)
+  uint32_t count;    // items in `bin`
 };
 
-// Searches s.hist[0, bins) from the top. The caller guarantees sum(hist) >= k_rem >= 1.
-__device__ __forceinline__ Found find_bin(Smem& s, int bins, uint32_t k_rem) {
-  const int per = bins / kThreads;
-  const int top = bins - 1 - int(threadIdx.x) * per;  // this thread: bins top, top - 1, ...
+// Whole warp: searches a histogram of 2^bits bins (bits = 10 or 11) from the top, through
+// group(g) (the 32 coarse counts) and bin(b). Returns false when the total is < k_rem. With racy
+// counts the fine level may fall short of the coarse one; the group's lowest bin is then
+// returned (still a valid lower bound: its group's counted items reach k_rem).
+template <class Group, class Bin>
+__device__ bool warp_find(Group&& group, Bin&& bin, int bits, uint32_t k_rem, Found& f) {
+  const int lane = lane_id();
+  const uint32_t width = 1u << (bits - 5);  // bins per group: 32 or 64
+  const uint32_t c = group(kGroups - 1 - lane);
+  const uint32_t above_incl = warp_inclusive_sum(c);
+  const unsigned hit = __ballot_sync(kFullMask, above_incl >= k_rem);
+  if (hit == 0) return false;
+  const int gl = __ffs(hit) - 1;
+  const uint32_t g = kGroups - 1 - gl;
+  const uint32_t above = __shfl_sync(kFullMask, above_incl - c, gl);
+  // Fine level: lane l holds bins top, top - 1 (width / 32 of them) of group g.
+  const uint32_t per = width / kWarpSize;
+  const uint32_t top = g * width + width - 1 - lane * per;
+  const uint32_t v0 = bin(top);
+  const uint32_t v1 = per > 1 ? bin(top - 1) : 0u;
+  const uint32_t incl = warp_inclusive_sum(v0 + v1);
+  const unsigned hit2 = __ballot_sync(kFullMask, above + incl >= k_rem);
+  if (hit2 == 0) {
+    f = Found{g * width, above, c};
+    return true;
+  }
+  const int fl = __ffs(hit2) - 1;
+  const uint32_t before = above + __shfl_sync(kFullMask, incl - v0 - v1, fl);
+  const uint32_t w0 = __shfl_sync(kFullMask, v0, fl), w1 = __shfl_sync(kFullMask, v1, fl);
+  const uint32_t t = g * width + width - 1 - uint32_t(fl) * per;
+  f = before + w0 >= k_rem ? Found{t, before, w0} : Found{t - 1, before + w0, w1};
+  return true;
+}
+
+// Whole CTA, after the histogram `buf` of a digit of `bits` bits is complete (barrier before and
+// after, the caller's): its 32 coarse group counts. Computed from the fine counts rather than
+// kept by atomics: keys crowd few groups (for normal logits, two), and atomics on so few
+// addresses serialise.
+__device__ void sum_groups(Smem& s, int buf, int bits) {
+  const int width = 1 << (bits - 5);  // bins per group
+  const int per = width / (kThreads / kGroups);
+  const int g = threadIdx.x / (kThreads / kGroups);
+  const int first = g * width + (threadIdx.x % (kThreads / kGroups)) * per;
+  uint32_t v = 0;
+  for (int i = 0; i < per; ++i) v += s.hist[buf][first + i];
+#pragma unroll
+  for (int offset = 1; offset < kThreads / kGroups; offset *= 2) {
+    v += __shfl_xor_sync(kFullMask, v, offset);
+  }
+  if (threadIdx.x % (kThreads / kGroups) == 0) s.groups[buf][g] = v;
+}
+
+// Whole warp, while the stream runs: the highest valid digit-0 bound the counts seen so far give
+// (never below `bound`). Lanes sum their group's 64 bins themselves (groups below the bound's
+// cannot hold the answer and count 0), rotating the reads so that lanes hit different banks.
+__device__ uint32_t racy_bound(const Smem& s, uint32_t k, uint32_t bound) {
+  const int lane = lane_id();
+  const uint32_t g = kGroups - 1 - lane;
+  uint32_t own = 0;
+  if (g >= (bound >> 6)) {
+    const uint4* bins = reinterpret_cast<const uint4*>(&s.hist[0][g * 64]);
+#pragma unroll
+    for (int j = 0; j < 16; ++j) {
+      const uint4 q = bins[(j + lane) % 16];
+      own += q.x + q.y + q.z + q.w;
+    }
+  }
+  const volatile uint32_t* hist = s.hist[0];
+  Found f;
+  const bool ok = warp_find([&](uint32_t) { return own; }, [&](uint32_t b) { return hist[b]; },
+                            11, k, f);
+  return ok ? max(f.bin, bound) : bound;
+}
+
+// Sum over the cluster of one shared counter, all CTAs' loads in flight at once.
+template <bool kRacy>
+__device__ __forceinline__ uint32_t cluster_sum(const ClusterView& cv, uint32_t* p) {
+  uint32_t v[kMaxCluster];
+#pragma unroll
+  for (int r = 0; r < kMaxCluster; ++r) {
+    v[r] = 0;
+    if (r < cv.Q) {
+      const uint32_t* at = cv.at(p, r);
+      v[r] = kRacy ? *static_cast<const volatile uint32_t*>(at) : *at;
+    }
+  }
   uint32_t sum = 0;
-  for (int j = 0; j < per; ++j) sum += s.hist[top - j];
+#pragma unroll
+  for (int r = 0; r < kMaxCluster; ++r) sum += v[r];
+  return sum;
+}
+
+// Warp 0, once every CTA of the cluster has counted its first batch and summed its groups: the
+// bound those counts give, or 0. The other CTAs go on counting meanwhile, so the fine counts are
+// racy (never below the groups': still a valid bound).
+__device__ uint32_t cluster_bound(Smem& s, const ClusterView& cv, uint32_t k) {
+  Found f;
+  const bool ok = warp_find([&](uint32_t g) { return cluster_sum<false>(cv, &s.groups[0][g]); },
+                            [&](uint32_t b) { return cluster_sum<true>(cv, &s.hist[0][b]); },
+                            11, k, f);
+  return ok ? f.bin : 0u;
+}
+
+// Whole CTA, after sum_groups and a cluster barrier: warp 0 searches the sum over the cluster of
+// histogram `buf` (the caller guarantees a total >= k_rem); every CTA computes the same answer.
+__device__ Found find_in_cluster(Smem& s, const ClusterView& cv, int buf, int bits,
+                                 uint32_t k_rem) {
+  if (warp_id() == 0) {
+    Found f{0, 0, 0};
+    warp_find([&](uint32_t g) { return cluster_sum<false>(cv, &s.groups[buf][g]); },
+              [&](uint32_t b) { return cluster_sum<false>(cv, &s.hist[buf][b]); }, bits, k_rem,
+              f);
+    if (lane_id() == 0) {
+      s.found[0] = f.bin;
+      s.found[1] = f.greater;
+      s.found[2] = f.count;
+    }
+  }
+  __syncthreads();
+  return Found{s.found[0], s.found[1], s.found[2]};
+}
+
+// ---- the stream pass -------------------------------------------------------------------------
+
+// Index-order ranks of a batch's flagged items: per step u, the flagged items of lower lanes
+// (excl) and of the whole warp (tot), one byte per step (<= 128 each).
+struct BatchRanks {
+  uint32_t excl[2], tot[2];
   uint32_t total;
-  uint32_t above = block_exclusive_sum(sum, s.scan, total);
-  for (int j = 0; j < per; ++j) {
-    const uint32_t h = s.hist[top - j];
-    if (above < k_rem && above + h >= k_rem) {
-      s.found[0] = uint32_t(top - j);
-      s.found[1] = above;
-      s.found[2] = h;
-    }
-    above += h;
-  }
-  __syncthreads();
-  const Found f{s.found[0], s.found[1], s.found[2]};
-  __syncthreads();
-  return f;
-}
+};
 
-// Warp 0 only: raises s.run_bin to the bin of the k-th largest digit-0 key counted so far.
-// Invariant: s.run_cnt = sum(hist[run_bin:]); `added` is the number of this tile's items counted
-// at or above the old run_bin.
-__device__ __forceinline__ void advance_running_bin(Smem& s, uint32_t added, uint32_t k) {
-  uint32_t bin = s.run_bin, at_or_above = s.run_cnt + added;
-  while (true) {
-    const uint32_t b = bin + lane_id();
-    const uint32_t incl = warp_inclusive_sum(b < kBins ? s.hist[b] : 0u);
-    // Bins bin..b can be passed when the items above them still number >= k.
-    const bool pass = b < kBins - 1 && at_or_above >= incl + k;
-    const int passed = __popc(__ballot_sync(0xFFFFFFFFu, pass));  // a prefix of the lanes
-    if (passed > 0) {
-      at_or_above -= __shfl_sync(0xFFFFFFFFu, incl, passed - 1);
-      bin += passed;
-    }
-    if (passed < kWarpSize) break;
-  }
-  if (lane_id() == 0) {
-    s.run_bin = bin;
-    s.run_cnt = at_or_above;
-  }
-}
-
-// In-place compaction of the list to the items whose digit 0 is >= bin, order kept. Safe in
-// place: an item moves only down, and a tile's items are all read before its rank barrier.
-__device__ __forceinline__ uint32_t compact_list(Smem& s, uint32_t count, uint32_t bin, int& par) {
-  uint32_t kept = 0;
-  const ListSource list{&s, count};
-  for_each_tile(list, [&](int tile, const Tile& t) {
-    const uint32_t m = at_or_above(t, kShift0, bin);
-    const TileRank r = rank_tile(m, s.tot[par]);
-    par ^= 1;
-    write_to_list(s, list, tile, t, m, r, kept);
-    kept += r.total;
-    return true;
-  });
-  __syncthreads();
-  return kept;
-}
-
-// Pass 1: the digit-0 histogram of every item, and the list of items at or above the running
-// bin. Returns whether the list is complete (holds every item whose digit 0 >= the final bin).
-template <class Src>
-__device__ bool histogram_and_collect(Smem& s, const Src& src, uint32_t k, uint32_t& list_count,
-                                      int& par) {
-  for (int i = threadIdx.x; i < kBins; i += kThreads) s.hist[i] = 0;
-  if (threadIdx.x == 0) s.run_bin = s.run_cnt = 0;
-  __syncthreads();
-  bool collecting = true;
-  uint32_t run_bin = 0;
-  list_count = 0;
-  for_each_tile(src, [&](int tile, const Tile& t) {
+__device__ __forceinline__ BatchRanks rank_batch(uint32_t m) {
+  BatchRanks r;
+  r.total = 0;
 #pragma unroll
-    for (int i = 0; i < kItemsPerThread; ++i) {
-      if ((t.valid >> i) & 1u) atomicAdd(&s.hist[t.key[i] >> kShift0], 1u);
+  for (int h = 0; h < 2; ++h) {
+    uint32_t packed = 0;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      packed |= uint32_t(__popc((m >> (16 * h + 4 * i)) & 0xFu)) << (8 * i);
     }
-    if (!collecting) return true;
-    uint32_t m = at_or_above(t, kShift0, run_bin);
-    TileRank r = rank_tile(m, s.tot[par]);  // its barrier also completes the histogram
-    par ^= 1;
-    if (warp_id() == 0) advance_running_bin(s, r.total, k);
-    const bool fits = list_count + r.total <= kListCap;
-    if (fits) write_to_list(s, src, tile, t, m, r, list_count);
-    __syncthreads();
-    run_bin = s.run_bin;
-    if (fits) {
-      list_count += r.total;
-      return true;
-    }
-    // Full: drop what fell below the (risen) running bin, re-rank this tile against it.
-    list_count = compact_list(s, list_count, run_bin, par);
-    m = at_or_above(t, kShift0, run_bin);
-    r = rank_tile(m, s.tot[par]);
-    par ^= 1;
-    if (list_count + r.total <= kListCap) {
-      write_to_list(s, src, tile, t, m, r, list_count);
-      list_count += r.total;
-    } else {
-      collecting = false;  // near-equal keys crowd one coarse bin: refine from the source
-    }
-    return true;
-  });
-  __syncthreads();
-  return collecting;
+    const uint32_t incl = warp_inclusive_sum(packed);
+    r.excl[h] = incl - packed;
+    r.tot[h] = __shfl_sync(kFullMask, incl, kWarpSize - 1);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) r.total += byte_of(r.tot[h], i);
+  }
+  return r;
 }
 
-// Histogram of the digit at `shift` (bins wide) over the items whose key >> (shift + log2 bins)
-// equals `prefix`.
-template <class Src>
-__device__ void histogram_digit(Smem& s, const Src& src, uint32_t high_shift, uint32_t prefix,
-                                uint32_t shift, int bins) {
-  for (int i = threadIdx.x; i < bins; i += kThreads) s.hist[i] = 0;
-  __syncthreads();
-  for_each_tile(src, [&](int tile, const Tile& t) {
+// Items of the batch at or above the bound (bound 0: every existing item, NaN included).
+__device__ __forceinline__ uint32_t batch_candidates(const float4 (&v)[kUnroll], uint32_t valid,
+                                                     uint32_t bound) {
+  if (bound == 0) return valid;
+  const float t = bin_floor(bound);
+  uint32_t m = 0;
 #pragma unroll
-    for (int i = 0; i < kItemsPerThread; ++i) {
-      if (((t.valid >> i) & 1u) && (t.key[i] >> high_shift) == prefix) {
-        atomicAdd(&s.hist[(t.key[i] >> shift) & uint32_t(bins - 1)], 1u);
+  for (int u = 0; u < kUnroll; ++u) {
+    m |= uint32_t(v[u].x >= t) << (4 * u) | uint32_t(v[u].y >= t) << (4 * u + 1) |
+         uint32_t(v[u].z >= t) << (4 * u + 2) | uint32_t(v[u].w >= t) << (4 * u + 3);
+  }
+  return m & valid;
+}
+
+__device__ __forceinline__ void count_digit0(Smem& s, uint32_t key) {
+  atomicAdd(&s.hist[0][key >> kShift0], 1u);
+}
+
+// Whole warp: raises the CTA's bound from the counts seen so far; returns the warp's new bound.
+__device__ __forceinline__ uint32_t raise_bound(Smem& s, uint32_t k, uint32_t bound) {
+  const uint32_t b = racy_bound(s, k, bound);
+  if (b > bound && lane_id() == 0) atomicMax(&s.bound, b);
+  return b;
+}
+
+__device__ __forceinline__ void compact(Smem& s, WarpList& L, uint32_t bound) {
+  narrow_list(s, L, kShift0, bound, [](uint32_t) {});
+  L.cbound = bound;
+}
+
+// Pass 1 of one warp over its slice: counts the digit 0 of every item at or above the running
+// bound, and appends those items to the warp's list (see the NOTES at the top). Whole CTA (the
+// first batches are counted before a cluster barrier).
+__device__ void stream_slice(Smem& s, const ClusterView& cv, const Slice& sl, WarpList& L,
+                             uint32_t k) {
+  const int lane = lane_id();
+  const int batches = sl.hi > sl.lo ? (sl.hi - sl.lo + kBatchSlots - 1) / kBatchSlots : 0;
+  // Full batches are loaded into registers one ahead, and the kL2Ahead batches after that into
+  // L2 (a warp's 4 KB in flight in registers alone is too little to cover HBM latency at full
+  // bandwidth). The partial batches at the window's ends (at most two) are loaded when their
+  // turn comes, which keeps the guarded loads out of the register prefetch's pressure.
+  constexpr int kL2Ahead = 2;
+  float4 cur[kUnroll], nxt[kUnroll];
+  uint32_t cur_valid = batches > 0 ? sl.load_batch(sl.lo, cur) : 0u;
+  if (batches > 1 && sl.full_batch(sl.lo + kBatchSlots)) {
+    sl.load_full_batch(sl.lo + kBatchSlots, nxt);
+  }
+  if (lane == 0) {
+    for (int a = 2; a <= kL2Ahead && a < batches; ++a) sl.prefetch_l2(sl.lo + a * kBatchSlots);
+  }
+#pragma unroll
+  for (int u = 0; u < kUnroll; ++u) {
+    const float x[4] = {cur[u].x, cur[u].y, cur[u].z, cur[u].w};
+#pragma unroll
+    for (int c = 0; c < 4; ++c) {
+      if ((cur_valid >> (4 * u + c)) & 1u) count_digit0(s, topk_order_key(x[c]));
+    }
+  }
+  __syncthreads();
+  sum_groups(s, 0, 11);
+  cv.sync();
+  if (warp_id() == 0) {
+    const uint32_t b = cluster_bound(s, cv, k);
+    if (lane == 0) atomicMax(&s.bound, b);
+  }
+  __syncthreads();
+  uint32_t bound = 0;
+  for (int b = 0; b < batches; ++b) {
+    const int s0 = sl.lo + b * kBatchSlots;
+    if (lane == 0 && b + 1 + kL2Ahead < batches) sl.prefetch_l2(s0 + (1 + kL2Ahead) * kBatchSlots);
+    if (b > 0) {
+      if (b + 1 < batches && sl.full_batch(s0 + kBatchSlots)) {
+        sl.load_full_batch(s0 + kBatchSlots, nxt);
+      }
+      cur_valid = sl.full_batch(s0) ? kFullMask : sl.load_batch(s0, cur);
+    }
+    uint32_t shared_bound = 0;
+    if (lane == 0) shared_bound = *reinterpret_cast<volatile uint32_t*>(&s.bound);
+    bound = max(bound, __shfl_sync(kFullMask, shared_bound, 0));
+    if (!L.global && bound > L.cbound && L.npages > 1) compact(s, L, bound);
+
+    uint32_t m = batch_candidates(cur, cur_valid, bound);
+    bool added = false;
+    if (!L.global) {
+      BatchRanks r = rank_batch(m);
+      if (r.total > 0 && !reserve(s, L, L.n + r.total)) {
+        // Pool full: drop what fell below the (raised) bound, filter this batch again.
+        bound = raise_bound(s, k, bound);
+        compact(s, L, bound);
+        m = batch_candidates(cur, cur_valid, bound);
+        r = rank_batch(m);
+        if (!reserve(s, L, L.n + r.total)) abandon(s, L);
+      }
+      if (!L.global && r.total > 0) {
+        // Raw values first (index-order positions), keys and counts lane-parallel after.
+        uint32_t base = L.n;
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) {
+          uint32_t pos = base + byte_of(r.excl[u / 4], u % 4);
+          const float x[4] = {cur[u].x, cur[u].y, cur[u].z, cur[u].w};
+#pragma unroll
+          for (int c = 0; c < 4; ++c) {
+            if ((m >> (4 * u + c)) & 1u) {
+              s.pool[phys(s, pos)] =
+                  (static_cast<unsigned long long>(__float_as_uint(x[c])) << 32) |
+                  sl.column(s0 + u * kWarpSize + lane, c);
+              ++pos;
+            }
+          }
+          base += byte_of(r.tot[u / 4], u % 4);
+        }
+        __syncwarp();
+        for (uint32_t e = L.n + lane; e < L.n + r.total; e += kWarpSize) {
+          const uint32_t at = phys(s, e);
+          const unsigned long long raw = s.pool[at];
+          const uint32_t key = topk_order_key(__uint_as_float(uint32_t(raw >> 32)));
+          s.pool[at] = (static_cast<unsigned long long>(key) << 32) | uint32_t(raw);
+          if (b > 0) count_digit0(s, key);  // the first batch was counted whole
+        }
+        __syncwarp();
+        L.n += r.total;
+        added = true;
       }
     }
-    return true;
-  });
-  __syncthreads();
-}
-
-// Copies the items with (key >> shift) >= prefix from the source into the list, in order.
-template <class Src>
-__device__ uint32_t collect_at_or_above(Smem& s, const Src& src, uint32_t shift, uint32_t prefix,
-                                        int& par) {
-  uint32_t n = 0;
-  for_each_tile(src, [&](int tile, const Tile& t) {
-    const uint32_t m = at_or_above(t, shift, prefix);
-    const TileRank r = rank_tile(m, s.tot[par]);
-    par ^= 1;
-    write_to_list(s, src, tile, t, m, r, n);
-    n += r.total;
-    return true;
-  });
-  __syncthreads();
-  return n;
-}
-
-// Final pass: emits the items with (key >> shift) > prefix (`greater` of them) and the first
-// k_rem items with (key >> shift) == prefix, each at its rank in index order among the emitted
-// ones. With all = true every valid item is emitted (greater = their number, k_rem = 0).
-template <class Src, class Out>
-__device__ void emit_selection(Smem& s, const Src& src, bool all, uint32_t shift, uint32_t prefix,
-                               uint32_t greater, uint32_t k_rem, Out& out, int& par) {
-  uint32_t gt_run = 0, eq_run = 0;
-  for_each_tile(src, [&](int tile, const Tile& t) {
-    uint32_t gt = 0, eq = 0;
+    if (L.global && b > 0 && __any_sync(kFullMask, m != 0)) {
+      // Abandoned list: the items are still counted (the refinement re-reads the slice).
 #pragma unroll
-    for (int i = 0; i < kItemsPerThread; ++i) {
-      const uint32_t d = t.key[i] >> shift;
-      gt |= uint32_t(all || d > prefix) << i;
-      eq |= uint32_t(!all && d == prefix) << i;
-    }
-    gt &= t.valid;
-    eq &= t.valid;
-    const TileRank rg = rank_tile(gt, s.tot[par]);
-    par ^= 1;
-    const TileRank re = rank_tile(eq, s.tot[par]);
-    par ^= 1;
+      for (int u = 0; u < kUnroll; ++u) {
+        const float x[4] = {cur[u].x, cur[u].y, cur[u].z, cur[u].w};
 #pragma unroll
-    for (int i = 0; i < kItemsPerThread; ++i) {
-      const uint32_t eq_before = eq_run + item_rank(re, eq, i);
-      const uint32_t taken_before = gt_run + item_rank(rg, gt, i) + min(eq_before, k_rem);
-      if (((gt >> i) & 1u) || (((eq >> i) & 1u) && eq_before < k_rem)) {
-        out.emit(s, taken_before, t.key[i], src.column(tile, t, i));
-      }
-    }
-    gt_run += rg.total;
-    eq_run += re.total;
-    return gt_run < greater || eq_run < k_rem;  // uniform: stop once all are emitted
-  });
-}
-
-// Descending bitonic sort of a[0, n), n a power of two.
-__device__ __forceinline__ void bitonic_sort_desc(unsigned long long* a, int n) {
-  for (int size = 2; size <= n; size *= 2) {
-    for (int stride = size / 2; stride > 0; stride /= 2) {
-      for (int i = threadIdx.x; i < n / 2; i += kThreads) {
-        const int lo = 2 * i - (i & (stride - 1)), hi = lo + stride;
-        const bool descending = (lo & size) == 0;
-        const unsigned long long x = a[lo], y = a[hi];
-        if ((x < y) == descending) {
-          a[lo] = y;
-          a[hi] = x;
+        for (int c = 0; c < 4; ++c) {
+          if ((m >> (4 * u + c)) & 1u) count_digit0(s, topk_order_key(x[c]));
         }
       }
-      __syncthreads();
+      added = true;
     }
+    if (added) bound = raise_bound(s, k, bound);
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) cur[u] = nxt[u];
   }
 }
 
-// Output of a final stage: columns into one row of the op's output.
-struct RowOut {
-  int32_t* out;
-  int k;
-  bool sorted;
+// ---- refinement and emission -----------------------------------------------------------------
 
-  __device__ void emit(Smem& s, uint32_t pos, uint32_t key, uint32_t idx) {
-    if (sorted) {
-      s.sort[pos] = (static_cast<unsigned long long>(key) << 32) | (~idx);
-    } else {
-      out[pos] = int32_t(idx);
-    }
-  }
-  // `count` items were emitted at [0, count).
-  __device__ void finish(Smem& s, uint32_t count) {
-    if (!sorted) {
-      for (int i = count + threadIdx.x; i < k; i += kThreads) out[i] = -1;
-      return;
-    }
-    // Padding sorts last: a real entry's low word ~column is >= 2^31 > 0.
-    int n = 1;
-    while (n < int(count)) n *= 2;
-    for (int i = count + threadIdx.x; i < n; i += kThreads) s.sort[i] = 0;
-    __syncthreads();
-    bitonic_sort_desc(s.sort, n);
-    for (int i = threadIdx.x; i < k; i += kThreads) {
-      out[i] = i < int(count) ? int32_t(~uint32_t(s.sort[i])) : -1;
-    }
-  }
-};
-
-// Output of a split stage: one candidate segment (keys, columns, count) in index order.
-struct SegOut {
-  uint32_t* keys;
-  uint32_t* idx;
-  int32_t* count;
-
-  __device__ void emit(Smem&, uint32_t pos, uint32_t key, uint32_t i) {
-    keys[pos] = key;
-    idx[pos] = i;
-  }
-  __device__ void finish(Smem&, uint32_t n) {
-    if (threadIdx.x == 0) *count = int32_t(n);
-  }
-};
-
-// The k best of the n_valid items of `src` (k <= kMaxTopk) into `out`.
-template <class Src, class Out>
-__device__ void select_topk(Smem& s, const Src& src, int64_t n_valid, uint32_t k, Out& out) {
-  int par = 0;
-  if (n_valid <= int64_t(k)) {
-    emit_selection(s, src, true, 0, 0, uint32_t(n_valid), 0, out, par);
-    __syncthreads();
-    out.finish(s, uint32_t(n_valid));
+// One refinement level for a warp: keeps the candidates with (key >> shift) >= prefix and calls
+// on_eq(key) for those with (key >> shift) == prefix. A list is compacted in place; an abandoned
+// one re-reads its slice and tries to collect those candidates into pages again.
+template <class OnEq>
+__device__ void refine_list(Smem& s, WarpList& L, const Slice& sl, uint32_t shift, uint32_t prefix,
+                            OnEq&& on_eq) {
+  if (!L.global) {
+    narrow_list(s, L, shift, prefix, on_eq);
     return;
   }
-  uint32_t list_count;
-  bool on_list = histogram_and_collect(s, src, k, list_count, par);
-  const Found f0 = find_bin(s, kBins, k);
-  uint32_t shift = kShift0, prefix = f0.bin, greater = f0.greater, k_rem = k - f0.greater;
-  uint32_t in_bin = f0.count;
-  // Refine while the prefix bin holds more items than are still needed.
-  while (shift > 0 && in_bin != k_rem) {
-    if (!on_list && greater + in_bin <= kListCap) {
-      list_count = collect_at_or_above(s, src, shift, prefix, par);
-      on_list = true;
+  bool collecting = true;
+  L.n = 0;
+  for_each_slice_step(sl, [&](const uint32_t (&key)[4], const uint32_t (&col)[4], uint32_t valid) {
+    uint32_t m = 0;
+#pragma unroll
+    for (int c = 0; c < 4; ++c) {
+      const uint32_t d = key[c] >> shift;
+      if ((valid >> c) & 1u) {
+        m |= uint32_t(d >= prefix) << c;
+        if (d == prefix) on_eq(key[c]);
+      }
     }
-    const uint32_t next_shift = shift > 10 ? 10 : 0;
-    const uint32_t bits = shift - next_shift;
-    if (on_list) {
-      histogram_digit(s, ListSource{&s, list_count}, shift, prefix, next_shift, 1 << bits);
-    } else {
-      histogram_digit(s, src, shift, prefix, next_shift, 1 << bits);
-    }
-    const Found f = find_bin(s, 1 << bits, k_rem);
-    prefix = (prefix << bits) | f.bin;
-    shift = next_shift;
-    greater += f.greater;
-    k_rem -= f.greater;
-    in_bin = f.count;
-  }
-  if (on_list) {
-    emit_selection(s, ListSource{&s, list_count}, false, shift, prefix, greater, k_rem, out, par);
+    if (collecting && !append(s, L, key, col, m)) collecting = false;
+  });
+  if (collecting) {
+    L.global = false;
   } else {
-    emit_selection(s, src, false, shift, prefix, greater, k_rem, out, par);
+    abandon(s, L);
   }
-  __syncthreads();
-  out.finish(s, k);
+}
+
+// The selection predicate: `all` takes every existing item; otherwise items with
+// (key >> shift) > prefix are above the threshold and those == prefix at it.
+struct Threshold {
+  bool all;
+  uint32_t shift, prefix;
+
+  __device__ void classify(const uint32_t (&key)[4], uint32_t valid, uint32_t& gt,
+                           uint32_t& eq) const {
+    gt = eq = 0;
+#pragma unroll
+    for (int c = 0; c < 4; ++c) {
+      const uint32_t d = key[c] >> shift;
+      gt |= uint32_t(all || d > prefix) << c;
+      eq |= uint32_t(!all && d == prefix) << c;
+    }
+    gt &= valid;
+    eq &= valid;
+  }
+};
+
+// Whole CTA: bitonic sort, descending, of the kMaxTopk entries of a; the result is left in
+// registers, thread t holding entries [kSortPer * t, kSortPer * t + kSortPer). Compare-exchanges
+// between a thread's own entries run in registers, between lanes of a warp through shuffles, and
+// only those between warps (6 of the 66 steps) through shared memory.
+constexpr int kSortPer = kMaxTopk / kThreads;
+static_assert(kSortPer == 8, "the stride cases below assume 8 entries per thread");
+
+__device__ __forceinline__ void bitonic_sort_desc(unsigned long long* a,
+                                                  unsigned long long (&v)[kSortPer]) {
+  const int t = threadIdx.x;
+#pragma unroll
+  for (int j = 0; j < kSortPer; ++j) v[j] = a[kSortPer * t + j];
+#pragma unroll
+  for (int size = 2; size <= kMaxTopk; size *= 2) {
+#pragma unroll
+    for (int stride = size / 2; stride > 0; stride /= 2) {
+      if (stride < kSortPer) {
+#pragma unroll
+        for (int j = 0; j < kSortPer; ++j) {
+          if ((j & stride) == 0) {
+            const int jj = j | stride;
+            const bool descending = ((kSortPer * t + j) & size) == 0;
+            const unsigned long long x = v[j], y = v[jj];
+            if ((x < y) == descending) {
+              v[j] = y;
+              v[jj] = x;
+            }
+          }
+        }
+        continue;
+      }
+      // Partner thread t ^ d holds the partner entries; the lower index keeps the larger entry
+      // in a descending block, the smaller in an ascending one.
+      const int d = stride / kSortPer;
+      const bool keep_max = ((t & d) == 0) == (((kSortPer * t) & size) == 0);
+      if (d < kWarpSize) {
+#pragma unroll
+        for (int j = 0; j < kSortPer; ++j) {
+          const unsigned long long o = __shfl_xor_sync(kFullMask, v[j], d);
+          v[j] = keep_max ? max(v[j], o) : min(v[j], o);
+        }
+      } else {
+        __syncthreads();  // the previous exchange's reads are done
+#pragma unroll
+        for (int j = 0; j < kSortPer; ++j) a[kSortPer * t + j] = v[j];
+        __syncthreads();
+#pragma unroll
+        for (int j = 0; j < kSortPer; ++j) {
+          const unsigned long long o = a[kSortPer * (t ^ d) + j];
+          v[j] = keep_max ? max(v[j], o) : min(v[j], o);
+        }
+      }
+    }
+  }
 }
 
 }  // namespace topk_radix

@@ -86,10 +86,6 @@ struct TopkParams {
   int64_t out_row_stride;
   int k;
   bool sorted;               // descending value, then ascending index
-  // CUDA only (the CPU path ignores both): scratch of cuda::topk_workspace_bytes(*this) bytes,
-  // allocated by the op layer; nullptr / 0 when that is 0 (one block per row).
-  void* workspace;
-  int64_t workspace_bytes;
 };
 
 // Fused scoring + selection: the scores are IndexerLogitsParams' (its `out` is unused).
