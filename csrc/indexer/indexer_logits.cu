@@ -255,11 +255,9 @@ namespace cuda {
 
 cudaError_t indexer_logits(const IndexerLogitsParams& p, cudaStream_t stream) {
   if (p.S == 0 || p.N == 0) return cudaSuccess;
-  if (p.H == 64 && p.D == 128) return launch<64, 128>(p, stream);
-  if (p.H == 64 && p.D == 64) return launch<64, 64>(p, stream);
-  if (p.H == 32 && p.D == 128) return launch<32, 128>(p, stream);
-  if (p.H == 32 && p.D == 64) return launch<32, 64>(p, stream);
-  return cudaErrorInvalidValue;
+  return indexer_sm90::dispatch_heads_and_dim(p.H, p.D, [&](auto heads, auto head_dim) {
+    return launch<decltype(heads)::value, decltype(head_dim)::value>(p, stream);
+  });
 }
 
 }  // namespace cuda

@@ -36,6 +36,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <type_traits>
 #include <utility>
 
 #include <cute/arch/copy_sm90_desc.hpp>
@@ -460,6 +461,18 @@ inline cudaError_t multiprocessor_count(int* count) {
   cudaError_t e = cudaGetDevice(&device);
   if (e != cudaSuccess) return e;
   return cudaDeviceGetAttribute(count, cudaDevAttrMultiProcessorCount, device);
+}
+
+// The compiled (heads, head dim) configurations, params.h's kIndexerHeads x kIndexerHeadDims:
+// calls launch(std::integral_constant<int, H>, std::integral_constant<int, D>).
+template <class Launch>
+cudaError_t dispatch_heads_and_dim(int heads, int head_dim, Launch&& launch) {
+  using std::integral_constant;
+  if (heads == 64 && head_dim == 128) return launch(integral_constant<int, 64>{}, integral_constant<int, 128>{});
+  if (heads == 64 && head_dim == 64) return launch(integral_constant<int, 64>{}, integral_constant<int, 64>{});
+  if (heads == 32 && head_dim == 128) return launch(integral_constant<int, 32>{}, integral_constant<int, 128>{});
+  if (heads == 32 && head_dim == 64) return launch(integral_constant<int, 32>{}, integral_constant<int, 64>{});
+  return cudaErrorInvalidValue;
 }
 
 }  // namespace indexer_sm90
