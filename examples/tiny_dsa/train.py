@@ -26,6 +26,8 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
+import subprocess
 import sys
 import sysconfig
 import time
@@ -274,6 +276,32 @@ def layer_overlap(model: TinyDSA, tokens: torch.Tensor) -> torch.Tensor:
     return overlap_matrix([idx[:, cfg.topk:].reshape(-1, cfg.topk) for idx in trace.indices])
 
 
+def chance_overlap(topk: int, context: int) -> float:
+    """Mean overlap of two independent uniformly random top-k sets over the queries that
+    :func:`layer_overlap` counts: the query at position ``t`` (``topk <= t < context``) sees
+    ``t + 1`` keys, so two random k-subsets share ``k / (t + 1)`` of their entries on average.
+    The floor a measured overlap is to be read against (1.0 at ``k >= context``)."""
+    if topk >= context:
+        return 1.0
+    return sum(topk / (t + 1) for t in range(topk, context)) / (context - topk)
+
+
+def commit_name() -> Optional[str]:
+    """``$INDEXCACHE_COMMIT`` (set by the device runs, whose copy of the tree has no .git), else
+    ``git rev-parse --short HEAD`` plus "-dirty" when the tree has uncommitted changes, else
+    None."""
+    if os.environ.get("INDEXCACHE_COMMIT"):
+        return os.environ["INDEXCACHE_COMMIT"]
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, check=True,
+                              capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, check=True,
+                               capture_output=True, text=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head + ("-dirty" if dirty else "")
+
+
 def pattern_at(result, num_layers: int, num_full: int) -> str:
     """The searched pattern with ``num_full`` Full layers: greedy steps only add flips, so every
     smaller retention's pattern lies on the trajectory of the deepest search."""
@@ -432,6 +460,11 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                         "training also stops at its time budget)")
     parser.add_argument("--train-seconds", type=float, help="training time budget")
     parser.add_argument("--layers", type=int, help="number of layers (default 16 main, 4 tiny)")
+    parser.add_argument("--topk", type=int, help="keys per query in sparse attention "
+                        "(default 128 main, 16 tiny)")
+    parser.add_argument("--context", type=int, help="training / evaluation sequence length "
+                        "(default 1024 main, 128 tiny)")
+    parser.add_argument("--d-model", type=int, help="model width (default 256 main, 64 tiny)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "tiny_dsa")
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args(argv)
@@ -442,9 +475,14 @@ def main(argv: Optional[list[str]] = None) -> dict:
     settings = TINY_SETTINGS if args.tiny else MAIN_SETTINGS
     overrides = {k: v for k, v in (("steps", args.steps), ("train_seconds", args.train_seconds))
                  if v is not None}
-    if args.layers is not None:
-        overrides["model"] = dataclasses.replace(settings.model, n_layers=args.layers)
+    model_overrides = {k: v for k, v in (("n_layers", args.layers), ("topk", args.topk),
+                                         ("context", args.context), ("d_model", args.d_model))
+                       if v is not None}
+    if model_overrides:
+        overrides["model"] = dataclasses.replace(settings.model, **model_overrides)
     settings = dataclasses.replace(settings, **overrides)
+    # What the command line changed against the --tiny / main defaults (recorded in results.json).
+    changed = {k: v for k, v in overrides.items() if k != "model"} | model_overrides
     cfg, n = settings.model, settings.model.n_layers
     device = torch.device(args.device)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -476,7 +514,11 @@ def main(argv: Optional[list[str]] = None) -> dict:
     matrix = layer_overlap(model, heldout[0][:settings.overlap_seqs]).cpu()
     adjacent = [matrix[i, i + 1].item() for i in range(n - 1)]
     timings["overlap"] = time.perf_counter() - started
-    log("adjacent-layer top-k overlap: " + " ".join(f"{a:.2f}" for a in adjacent))
+    chance = chance_overlap(cfg.topk, cfg.context)
+    adjacent_mean = sum(adjacent) / max(1, len(adjacent))
+    log("adjacent-layer top-k overlap: " + " ".join(f"{a:.2f}" for a in adjacent)
+        + f" (mean {adjacent_mean:.2f}; two random top-{cfg.topk} sets: "
+        f"{chance:.2f})")
 
     started = time.perf_counter()
     evaluations = 0
@@ -524,12 +566,15 @@ def main(argv: Optional[list[str]] = None) -> dict:
 
     results = {
         "config": dataclasses.asdict(settings) | {"seed": args.seed, "tiny": args.tiny},
+        "overrides": changed,
+        "commit": commit_name(),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__,
         "data": data_stats | {"calibration_tokens": settings.calib_seqs * cfg.context,
                               "heldout_tokens": settings.heldout_seqs * cfg.context},
         "training": training,
         "overlap": {"matrix": matrix.tolist(), "adjacent": adjacent,
+                    "adjacent_mean": adjacent_mean, "chance": chance,
                     "queries": f"{settings.overlap_seqs} held-out sequences, positions >= "
                                f"topk ({cfg.topk})"},
         "search": {"evaluations": evaluations, "baseline_loss": search.baseline_loss,
