@@ -12,6 +12,8 @@
 #   SANITIZE=0|1               compute-sanitizer over the GPU tests (default 0)
 #   SANITIZE_TOOLS="..."       default "memcheck racecheck"
 #   SANITIZE_K="expr"          pytest -k expression naming the ops to sanitise (default: all)
+#   PROFILE="<bench.profile words>[;...]"  Nsight Compute over one call each, e.g. "topk --rows 1"
+#   PROFILE_KERNEL=regex       the kernel ncu captures (default: the op name)
 #   BENCH=headline|sweep|none  benchmark shapes (default headline)
 #   BENCH_ARGS="..."           extra python -m bench words, e.g. "--families topk --budget 0.5"
 #   INDEXCACHE_COMMIT          the commit the JSON records (the device copy has no .git)
@@ -129,6 +131,28 @@ if [ "$SANITIZE" = 1 ]; then
     stage "$tool" sanitize.log env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
       compute-sanitizer --tool "$tool" --error-exitcode 1 --print-limit 20 \
       "$PY" -m pytest tests -m gpu -q -x -p no:cacheprovider ${k_args[@]+"${k_args[@]}"} || true
+  done
+fi
+
+if [ -n "${PROFILE:-}" ]; then
+  # One capture per ';'-separated spec; the third call of each is captured (the first two warm
+  # the allocator and the attribute caches). Clocks are left alone (METHOD.md). Only the text
+  # reports come back (summary sections, per-SASS-line counters); the .ncu-rep stays in /tmp.
+  IFS=';' read -ra profile_specs <<<"$PROFILE"
+  n=0
+  for spec in "${profile_specs[@]}"; do
+    read -ra profile_args <<<"$spec"
+    [ "${#profile_args[@]}" = 0 ] && continue
+    n=$((n + 1))
+    kernel=${PROFILE_KERNEL:-${profile_args[0]}}
+    stage "profile$n" profile.log ncu --clock-control none --set full --import-source yes \
+      -k "regex:$kernel" --launch-skip 2 -c 1 -f -o "/tmp/profile$n" \
+      "$PY" -m bench.profile "${profile_args[@]}" || true
+    if [ -f "/tmp/profile$n.ncu-rep" ]; then
+      ncu --import "/tmp/profile$n.ncu-rep" --page details >"$OUT/profile$n-details.txt" 2>&1 || true
+      ncu --import "/tmp/profile$n.ncu-rep" --page source --csv --print-source sass \
+        >"$OUT/profile$n-sass.csv" 2>&1 || true
+    fi
   done
 fi
 

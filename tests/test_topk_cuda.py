@@ -464,3 +464,20 @@ def test_skewed_rows(shape, split):
         x[:, : C // 4] = math.nan
     for sorted_ in (False, True):
         run_cuda(x.cuda(), k, sorted_=sorted_, split=split)
+
+
+@pytest.mark.parametrize("split", [None, 1, 2, 4])
+@pytest.mark.parametrize("R", [2, 300])
+def test_sample_overestimates_the_bound(R, split):
+    """The stream starts from a bound estimated on each warp's first 1024 items. Here those
+    items (blocks of 1024 at every multiple of 8192 columns, where the slices of 1, 2 and 4 CTAs
+    per row begin) are the row's only large values, spread over ~160 coarse bins, so the
+    estimate lies above the k-th largest value: the kernel must notice and start over with
+    proven bounds, or it returns too few of the large items."""
+    C, k = 131072, 2048
+    g = rng("overestimate", R, split)
+    x = torch.randn(R, C, generator=g)
+    hot = (torch.arange(C) % 8192) < 1024
+    x[:, hot] = torch.exp2(torch.rand(R, int(hot.sum()), generator=g) * 40.0)
+    for sorted_ in (False, True):
+        run_cuda(x.cuda(), k, sorted_=sorted_, split=split)

@@ -13,11 +13,16 @@
 // - The first batch of every warp is counted whole, then one cluster barrier: the bound starts
 //   from the cluster's counts, so first batches do not flood the pool (for one 128K row over 16
 //   CTAs the first batch is the whole row, and the lists receive only the final digit-0 bin and
-//   above).
+//   above). When the first batches are only a sample of the window (many rows, one CTA each),
+//   the starting bound is estimated from them (the bin above which the sample holds its share
+//   of k, with 25 % to spare) instead of proven: a proven bound would start at the sample's k-th
+//   item and climb slowly, appending ~3x the candidates over a 128K row (measured 1582 -> 1304 us
+//   at 4096 x 128K, bench/NOTES.md). An estimate above the k-th key is detected after the stream (the digit-0
+//   search lands below it) and the row is streamed again with proven bounds only.
 // - The running bound is a lower bound of the row's k-th key: a bin b such that the digit-0
 //   histogram of the candidates counted so far has >= k items in bins >= b. Counts only grow, so
 //   a racy read of the histogram (other warps add to it concurrently) still gives a valid bound;
-//   every warp raises it (atomicMax) after a batch that added candidates. Items below the bound
+//   a warp raises it (atomicMax) after every kRaiseEvery entries it appended. Items below the bound
 //   are never needed: a list is compacted against the bound when it rose, or when the pool is
 //   full. The histogram keeps the counts of dropped items, which all sit in bins below the final
 //   bound, where no search ever goes (the search starts from the top and stops at the first bin
@@ -26,13 +31,14 @@
 //   list (`global`) and keeps counting its items; the later passes re-read its slice from global
 //   memory (and try to collect it into pages again at each refinement level). All decisions are
 //   taken on exact counts; the lists are only a cache of the items that can still be selected.
-// - Exactness: after the stream, for every bin >= the CTA's final bound, the histogram counts every
-//   item of the CTA's range in that bin (an item of such a bin was >= the bound whenever it was
-//   seen, and is never dropped). The search over the (cluster-summed) histogram therefore finds
-//   the bin of the k-th key exactly; digits 1 (11 bits) and 2 (10 bits) are then histogrammed
-//   over the lists' items that share the prefix, and the k-th key T is exact. The output is every
-//   key > T plus the first (k - #greater) keys == T in index order. Refinement stops early when
-//   the whole prefix bin is taken.
+// - Exactness: after the stream, for every bin >= the CTA's final bound, the histogram counts
+//   every item of the CTA's range in that bin (an item of such a bin was >= the bound whenever it
+//   was seen, and is never dropped). With an estimate E the same holds for the bins >= E only,
+//   hence the check that the search lands there. The search over the (cluster-summed)
+//   histogram therefore finds the bin of the k-th key exactly; digits 1 (11 bits) and 2 (10 bits)
+//   are then histogrammed over the lists' items that share the prefix, and the k-th key T is
+//   exact. The output is every key > T plus the first (k - #greater) keys == T in index order.
+//   Refinement stops early when the whole prefix bin is taken.
 // - Determinism: counts are integers (order-free atomics); write positions come from index-order
 //   ranks (warp scans within a slice, slice prefix counts across warps and CTAs), never from
 //   atomics. Which pages a list uses and when the bound rises depend on timing, but not the set,
@@ -77,10 +83,11 @@ struct Smem {
   uint32_t hist[2][kBins];                       // double-buffered across refinement levels
   uint32_t groups[2][kGroups];                   // coarse histograms: bin >> (digit bits - 5)
   unsigned long long free_pages;                 // bit p set: page p is free
-  uint32_t bound;                                // streaming: digit-0 lower bound of the k-th key
+  uint32_t bound;                                // streaming: digit-0 bound (see stream_slice)
+  uint32_t estimate;                             // the sampled bound this pass filtered with, or 0
   uint32_t warp_gt[kWarps];                      // emission: items above / at the threshold
   uint32_t warp_eq[kWarps];
-  uint32_t found[3];                             // warp 0's bin search, for the whole CTA
+  uint32_t found[4];                             // warp 0's bin search, for the whole CTA
   uint8_t ptab[kWarps][kPages];                  // page table of each warp's list
 };
 
@@ -499,22 +506,30 @@ __device__ uint32_t cluster_bound(Smem& s, const ClusterView& cv, uint32_t k) {
 }
 
 // Whole CTA, after sum_groups and a cluster barrier: warp 0 searches the sum over the cluster of
-// histogram `buf` (the caller guarantees a total >= k_rem); every CTA computes the same answer.
-__device__ Found find_in_cluster(Smem& s, const ClusterView& cv, int buf, int bits,
-                                 uint32_t k_rem) {
+// histogram `buf`; every CTA computes the same answer. Returns false when the counts cannot
+// answer: a total below k_rem, or (with check_estimate, for digit 0) a bin below some CTA's
+// sampled estimate, whose lower bins were not counted (see stream_slice). Never false when no CTA
+// used an estimate.
+__device__ bool find_in_cluster(Smem& s, const ClusterView& cv, int buf, int bits, uint32_t k_rem,
+                                bool check_estimate, Found& out) {
   if (warp_id() == 0) {
     Found f{0, 0, 0};
-    warp_find([&](uint32_t g) { return cluster_sum<false>(cv, &s.groups[buf][g]); },
-              [&](uint32_t b) { return cluster_sum<false>(cv, &s.hist[buf][b]); }, bits, k_rem,
-              f);
+    const bool ok = warp_find(
+        [&](uint32_t g) { return cluster_sum<false>(cv, &s.groups[buf][g]); },
+        [&](uint32_t b) { return cluster_sum<false>(cv, &s.hist[buf][b]); }, bits, k_rem, f);
+    uint32_t floor = 0;
+    if (check_estimate && lane_id() < cv.Q) floor = *cv.at(&s.estimate, lane_id());
+    floor = __reduce_max_sync(kFullMask, floor);
     if (lane_id() == 0) {
       s.found[0] = f.bin;
       s.found[1] = f.greater;
       s.found[2] = f.count;
+      s.found[3] = ok && f.bin >= floor;
     }
   }
   __syncthreads();
-  return Found{s.found[0], s.found[1], s.found[2]};
+  out = Found{s.found[0], s.found[1], s.found[2]};
+  return s.found[3] != 0;
 }
 
 // ---- the stream pass -------------------------------------------------------------------------
@@ -575,11 +590,61 @@ __device__ __forceinline__ void compact(Smem& s, WarpList& L, uint32_t bound) {
   L.cbound = bound;
 }
 
+// Writes the batch's flagged items, raw value and column, at their index-order positions from
+// L.n (pages reserved). Branch-free per item: each lane looks up the (at most two) pages its
+// items of a step land on once, through the lane that holds that page id, and stores under a
+// predicate; no page-table load per item.
+__device__ __forceinline__ void store_batch(Smem& s, const WarpList& L, const Slice& sl, int s0,
+                                            const float4 (&v)[kUnroll], uint32_t m,
+                                            const BatchRanks& r) {
+  const uint32_t lane = uint32_t(lane_id());
+  const uint32_t first_page = L.n / kPageItems;
+  const uint32_t last_page = (L.n + r.total - 1) / kPageItems;  // <= first_page + 8
+  const uint32_t page =
+      first_page + lane <= last_page ? uint32_t(s.ptab[warp_id()][first_page + lane]) : 0u;
+  uint32_t base = L.n;
+#pragma unroll
+  for (int u = 0; u < kUnroll; ++u) {
+    const uint32_t step_total = byte_of(r.tot[u / 4], u % 4);
+    if (step_total == 0) continue;  // warp-uniform
+    const uint32_t pos = base + byte_of(r.excl[u / 4], u % 4);
+    const uint32_t rel = pos / kPageItems - first_page;
+    const uint32_t lo = __shfl_sync(kFullMask, page, rel) * kPageItems;
+    const uint32_t hi = __shfl_sync(kFullMask, page, rel + 1) * kPageItems;
+    const float x[4] = {v[u].x, v[u].y, v[u].z, v[u].w};
+    uint32_t off = pos % kPageItems;
+#pragma unroll
+    for (int c = 0; c < 4; ++c) {
+      const bool take = (m >> (4 * u + c)) & 1u;
+      const uint32_t at = off < kPageItems ? lo + off : hi + (off - kPageItems);
+      if (take) {
+        s.pool[at] = (static_cast<unsigned long long>(__float_as_uint(x[c])) << 32) |
+                     sl.column(s0 + u * kWarpSize + int(lane), c);
+      }
+      off += take;
+    }
+    base += step_total;
+  }
+}
+
+// Entries a warp appends between two attempts to raise the CTA's bound from its counts: the
+// search costs ~200 instructions, a batch's filter ~300, and with a sampled starting bound the
+// counts rarely allow a higher one.
+constexpr uint32_t kRaiseEvery = 256;
+
 // Pass 1 of one warp over its slice: counts the digit 0 of every item at or above the running
 // bound, and appends those items to the warp's list (see the NOTES at the top). Whole CTA (the
 // first batches are counted before a cluster barrier).
+//
+// The starting bound comes from those first batches (the sample): the bin above which the
+// cluster's sample holds k_sample items. With k_sample = k it is a proven bound of the k-th key;
+// with k_sample < k (the sample is a fraction of the window, k_sample its share of k with a
+// margin) it is an estimate, recorded in s.estimate: items below it are neither counted nor kept,
+// so the caller's digit-0 search must land at or above every CTA's estimate, or start over with
+// k_sample = k (find_in_cluster reports which). An estimate near the final bin saves most of the
+// appends and compactions a proven bound needs while it climbs from the sample's k-th item.
 __device__ void stream_slice(Smem& s, const ClusterView& cv, const Slice& sl, WarpList& L,
-                             uint32_t k) {
+                             uint32_t k, uint32_t k_sample) {
   const int lane = lane_id();
   const int batches = sl.hi > sl.lo ? (sl.hi - sl.lo + kBatchSlots - 1) / kBatchSlots : 0;
   // Full batches are loaded into registers one ahead, and the kL2Ahead batches after that into
@@ -607,11 +672,17 @@ __device__ void stream_slice(Smem& s, const ClusterView& cv, const Slice& sl, Wa
   sum_groups(s, 0, 11);
   cv.sync();
   if (warp_id() == 0) {
-    const uint32_t b = cluster_bound(s, cv, k);
-    if (lane == 0) atomicMax(&s.bound, b);
+    const uint32_t b = cluster_bound(s, cv, k_sample);
+    if (lane == 0) {
+      atomicMax(&s.bound, b);
+      s.estimate = k_sample < k ? b : 0u;
+    }
   }
   __syncthreads();
-  uint32_t bound = 0;
+  // The list is empty: it holds nothing below the starting bound.
+  uint32_t bound = s.bound;
+  L.cbound = bound;
+  uint32_t since_raise = 0;  // entries appended (or counted, abandoned) since the last raise
   for (int b = 0; b < batches; ++b) {
     const int s0 = sl.lo + b * kBatchSlots;
     if (lane == 0 && b + 1 + kL2Ahead < batches) sl.prefetch_l2(s0 + (1 + kL2Ahead) * kBatchSlots);
@@ -627,36 +698,21 @@ __device__ void stream_slice(Smem& s, const ClusterView& cv, const Slice& sl, Wa
     if (!L.global && bound > L.cbound && L.npages > 1) compact(s, L, bound);
 
     uint32_t m = batch_candidates(cur, cur_valid, bound);
-    bool added = false;
     if (!L.global) {
       BatchRanks r = rank_batch(m);
       if (r.total > 0 && !reserve(s, L, L.n + r.total)) {
         // Pool full: drop what fell below the (raised) bound, filter this batch again.
         bound = raise_bound(s, k, bound);
+        since_raise = 0;
         compact(s, L, bound);
         m = batch_candidates(cur, cur_valid, bound);
         r = rank_batch(m);
         if (!reserve(s, L, L.n + r.total)) abandon(s, L);
       }
       if (!L.global && r.total > 0) {
-        // Raw values first (index-order positions), keys and counts lane-parallel after.
-        uint32_t base = L.n;
-#pragma unroll
-        for (int u = 0; u < kUnroll; ++u) {
-          uint32_t pos = base + byte_of(r.excl[u / 4], u % 4);
-          const float x[4] = {cur[u].x, cur[u].y, cur[u].z, cur[u].w};
-#pragma unroll
-          for (int c = 0; c < 4; ++c) {
-            if ((m >> (4 * u + c)) & 1u) {
-              s.pool[phys(s, pos)] =
-                  (static_cast<unsigned long long>(__float_as_uint(x[c])) << 32) |
-                  sl.column(s0 + u * kWarpSize + lane, c);
-              ++pos;
-            }
-          }
-          base += byte_of(r.tot[u / 4], u % 4);
-        }
+        store_batch(s, L, sl, s0, cur, m, r);
         __syncwarp();
+        // Keys and counts lane-parallel over the new entries.
         for (uint32_t e = L.n + lane; e < L.n + r.total; e += kWarpSize) {
           const uint32_t at = phys(s, e);
           const unsigned long long raw = s.pool[at];
@@ -666,7 +722,7 @@ __device__ void stream_slice(Smem& s, const ClusterView& cv, const Slice& sl, Wa
         }
         __syncwarp();
         L.n += r.total;
-        added = true;
+        since_raise += r.total;
       }
     }
     if (L.global && b > 0 && __any_sync(kFullMask, m != 0)) {
@@ -679,12 +735,28 @@ __device__ void stream_slice(Smem& s, const ClusterView& cv, const Slice& sl, Wa
           if ((m >> (4 * u + c)) & 1u) count_digit0(s, topk_order_key(x[c]));
         }
       }
-      added = true;
+      since_raise = kRaiseEvery;
     }
-    if (added) bound = raise_bound(s, k, bound);
+    if (since_raise >= kRaiseEvery) {
+      bound = raise_bound(s, k, bound);
+      since_raise = 0;
+    }
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) cur[u] = nxt[u];
   }
+}
+
+// Whole CTA, after every CTA of the cluster is done with this one's histograms: forgets a pass
+// that filtered with an estimate above the k-th key, before the proven pass.
+__device__ void restart_stream(Smem& s, WarpList& L) {
+  for (int i = threadIdx.x; i < kBins; i += kThreads) s.hist[0][i] = 0;
+  if (threadIdx.x == 0) {
+    s.free_pages = ~0ull;
+    s.bound = 0;
+    s.estimate = 0;
+  }
+  L = WarpList{0, 0, false, 0};
+  __syncthreads();
 }
 
 // ---- refinement and emission -----------------------------------------------------------------
