@@ -236,7 +236,7 @@ cudaError_t launch(const IndexerLogitsParams& p, cudaStream_t stream) {
     if (e != cudaSuccess) return e;
   }
   int sms = 0;
-  cudaError_t e = multiprocessor_count(&sms);
+  cudaError_t e = current_device_sms(&sms);
   if (e != cudaSuccess) return e;
   const int64_t groups = ceil_div<int64_t>(p.S, C::kQueriesPerGroup);
   const int64_t max_tiles = groups * ceil_div<int64_t>(p.N, C::kTileKeys);

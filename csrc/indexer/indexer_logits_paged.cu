@@ -242,7 +242,7 @@ cudaError_t launch(const IndexerLogitsPagedParams& p, cudaStream_t stream) {
     std::memset(&tmap_kv, 0, sizeof(tmap_kv));  // no page id is valid: never used
   }
   int sms = 0;
-  cudaError_t e = multiprocessor_count(&sms);
+  cudaError_t e = current_device_sms(&sms);
   if (e != cudaSuccess) return e;
   const int64_t table_len =
       cmin<int64_t>(p.max_context_len, int64_t(p.max_pages_per_seq) * kPageSize);

@@ -46,6 +46,7 @@
 #include <cutlass/arch/barrier.h>
 #include <cutlass/arch/reg_reconfig.h>
 
+#include "indexcache/device.h"
 #include "indexcache/params.h"
 
 namespace indexcache {
@@ -454,13 +455,6 @@ inline cudaError_t encode_rows_map(CUtensorMap* map, const void* base, int rank,
                         head_dim == 128 ? CU_TENSOR_MAP_SWIZZLE_128B : CU_TENSOR_MAP_SWIZZLE_64B,
                         CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
   return r == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue;
-}
-
-inline cudaError_t multiprocessor_count(int* count) {
-  int device = 0;
-  cudaError_t e = cudaGetDevice(&device);
-  if (e != cudaSuccess) return e;
-  return cudaDeviceGetAttribute(count, cudaDevAttrMultiProcessorCount, device);
 }
 
 // The compiled (heads, head dim) configurations, params.h's kIndexerHeads x kIndexerHeadDims:

@@ -83,13 +83,6 @@ int64_t workspace_bytes(int64_t rows, int Hq, const SplitPlan& plan) {
   return int64_t(plan.splits) * rows * Hq * (kMlaDimLatent + 1) * int64_t(sizeof(float));
 }
 
-int current_device_sms() {
-  int device = 0, sms = 0;
-  if (cudaGetDevice(&device) != cudaSuccess) return 0;
-  if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) return 0;
-  return sms;
-}
-
 cudaError_t launch_combine(const Problem& prob, cudaStream_t stream) {
   const int64_t items = prob.rows * prob.Hq;
   const int64_t blocks = (items + kCombineWarps - 1) / kCombineWarps;
@@ -103,8 +96,9 @@ cudaError_t launch_combine(const Problem& prob, cudaStream_t stream) {
 namespace cuda {
 
 int64_t sparse_mla_workspace_bytes(int64_t queries, int Hq, int topk) {
-  const int sms = sparse_mla_sm90::current_device_sms();
-  if (queries <= 0 || sms <= 0) return 0;
+  int sms = 0;
+  // A failed query sizes no workspace; the launch then reports the same error.
+  if (queries <= 0 || current_device_sms(&sms) != cudaSuccess) return 0;
   return sparse_mla_sm90::workspace_bytes(
       queries, Hq, sparse_mla_sm90::plan_splits(queries, Hq, topk, sms));
 }

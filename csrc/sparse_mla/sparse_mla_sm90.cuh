@@ -53,6 +53,7 @@
 #include <cutlass/arch/barrier.h>
 #include <cutlass/numeric_types.h>
 
+#include "indexcache/device.h"
 #include "indexcache/params.h"
 
 namespace indexcache {
@@ -576,7 +577,6 @@ struct SplitPlan {
 // CTAs alone would leave SMs idle; every split keeps >= kMinTilesPerSplit tiles.
 SplitPlan plan_splits(int64_t rows, int Hq, int topk, int num_sms);
 int64_t workspace_bytes(int64_t rows, int Hq, const SplitPlan& plan);
-int current_device_sms();  // 0 when the query fails
 // Merges the partial outputs of a split launch (one warp per (query row, head), splits in index
 // order): out = sum_s exp(lse_s - lse) o_s, lse = log sum_s exp(lse_s); all-empty rows: 0, -inf.
 cudaError_t launch_combine(const Problem& prob, cudaStream_t stream);
@@ -589,8 +589,8 @@ template <Mode kMode>
 cudaError_t launch(Problem prob, void* workspace, int64_t workspace_bytes_given,
                    cudaStream_t stream) {
   if (prob.rows == 0) return cudaSuccess;
-  const int sms = current_device_sms();
-  if (sms <= 0) return cudaErrorInvalidDevice;
+  int sms = 0;
+  if (const cudaError_t e = current_device_sms(&sms); e != cudaSuccess) return e;
   SplitPlan plan = plan_splits(prob.rows, prob.Hq, prob.topk, sms);
   if (plan.splits > 1 &&
       (workspace == nullptr || workspace_bytes_given < workspace_bytes(prob.rows, prob.Hq, plan))) {

@@ -34,6 +34,7 @@
 #include <cstdint>
 #include <cstdlib>
 
+#include "indexcache/device.h"
 #include "indexcache/params.h"
 #include "ops/backends.h"
 #include "topk/topk_radix.cuh"
@@ -224,18 +225,6 @@ __global__ void __launch_bounds__(kThreads, kCtasPerSm) topk_kernel(const TopkPa
   }
 }
 
-int current_device() {
-  int device = 0;
-  return cudaGetDevice(&device) == cudaSuccess ? device : 0;
-}
-
-int num_sms(int device) {
-  int sms = 0;
-  return cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) == cudaSuccess
-             ? sms
-             : 132;
-}
-
 cudaError_t set_attributes() {
   cudaError_t err = cudaFuncSetAttribute(topk_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          int(kSmemBytes));
@@ -281,12 +270,12 @@ int64_t floor_pow2(int64_t x) {
   return v;
 }
 
-int64_t plan_cluster(const TopkParams& p, int device) {
+int64_t plan_cluster(const TopkParams& p, int device, int sms) {
   const int64_t max_q = max_cluster_size(device);
   if (const char* forced = std::getenv("INDEXCACHE_TOPK_SPLIT"); forced && *forced) {
     return floor_pow2(std::clamp<int64_t>(std::atoll(forced), 1, max_q));
   }
-  const int64_t slots = int64_t(kCtasPerSm) * num_sms(device);
+  const int64_t slots = int64_t(kCtasPerSm) * sms;
   int64_t q = 1;
   while (q * 2 <= max_q && p.R * q * 2 <= slots && p.C >= q * 2 * kChunkMin) q *= 2;
   return q;
@@ -300,10 +289,12 @@ namespace cuda {
 
 cudaError_t topk(const TopkParams& p, cudaStream_t stream) {
   if (p.R == 0) return cudaSuccess;
-  const int64_t Q = plan_cluster(p, current_device());
-  if (p.R * Q > kMaxBlocks) return cudaErrorInvalidConfiguration;
-  cudaError_t err = set_attributes();
+  int device = 0, sms = 0;
+  cudaError_t err = current_device_sms(&sms, &device);
   if (err != cudaSuccess) return err;
+  const int64_t Q = plan_cluster(p, device, sms);
+  if (p.R * Q > kMaxBlocks) return cudaErrorInvalidConfiguration;
+  if ((err = set_attributes()) != cudaSuccess) return err;
   if (Q == 1) {
     topk_kernel<<<unsigned(p.R), kThreads, kSmemBytes, stream>>>(p, 1);
     return cudaGetLastError();
