@@ -17,8 +17,9 @@
 #   BENCH=headline|sweep|none  benchmark shapes (default headline)
 #   BENCH_ARGS="..."           extra python -m bench words, e.g. "--families topk --budget 0.5"
 #   INDEXCACHE_COMMIT          the commit the JSON records (the device copy has no .git)
-# Everything lands in $OUT: env.log build.log tests.log sanitize.log bench.log and one JSON per
-# benchmark family (8 files at most come back; logs are capped at 15 MB, keeping their ends).
+# Everything lands in $OUT: one JSON per benchmark family, and logs.tar.gz holding env.log
+# build.log tests.log sanitize.log bench.log profile*.{log,txt,csv} (the tool returns 8 files at
+# most; logs are capped at 15 MB, keeping their ends).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -69,6 +70,16 @@ finish() {
     echo
     sed -n '/^=== summary/,$p' "$OUT/bench.log"
   fi
+  # The device tool returns at most 8 files: the logs and profiler reports travel as one archive,
+  # so that every benchmark JSON comes back.
+  (
+    cd "$OUT" || exit 0
+    shopt -s nullglob
+    texts=(*.log *.txt *.csv)
+    if [ "${#texts[@]}" -gt 0 ]; then
+      tar czf logs.tar.gz "${texts[@]}" && rm -f "${texts[@]}"
+    fi
+  )
   echo
   echo "=== stages ($((SECONDS - started)) s; files in \$OUT: $(cd "$OUT" && ls | tr '\n' ' '))"
   printf '%s\n' "${stages[@]+"${stages[@]}"}"
