@@ -328,7 +328,14 @@ class IndexCache:
     Layers executing concurrently on two micro-batches (two-batch overlap) need one
     ``IndexCache`` each.
 
-    Memory: ``len(indexer layers) * capacity * topk * 4`` bytes (:attr:`nbytes`).
+    Memory: ``buffers * capacity * topk * 4`` bytes (:attr:`nbytes`). By default every indexer
+    layer owns a buffer, so each layer's indices stay readable after the step. With
+    ``share_buffers=True`` (what a serving engine wants: vLLM and SGLang keep one top-k buffer for
+    all layers) a buffer serves every indexer layer whose indices are dead by the time the next
+    one writes: a layer's indices live from its own call to its last Shared layer's, and the
+    fewest buffers that keep overlapping lifetimes apart are allocated (one, with this module's
+    rule: a Shared layer reuses the nearest preceding Full layer, so lifetimes never overlap). Results of a layer are then valid until its last Shared layer has run; later Full
+    layers may overwrite them.
 
     Args:
         config: the layer split.
@@ -341,11 +348,13 @@ class IndexCache:
         max_next_n: most MTP query rows per sequence of one decode call (default 1).
         stage: allocate only for the layers of this pipeline stage (see
             :meth:`IndexCacheConfig.stage_layers`); calls for other layers raise.
+        share_buffers: let indexer layers with disjoint index lifetimes share a buffer (above).
     """
 
     def __init__(self, config: IndexCacheConfig, max_tokens: int, topk: int = 2048,
                  device: torch.device | str | None = None, max_batch: int | None = None,
-                 max_next_n: int | None = None, stage: int | None = None) -> None:
+                 max_next_n: int | None = None, stage: int | None = None,
+                 share_buffers: bool = False) -> None:
         if not isinstance(config, IndexCacheConfig):
             raise ValueError(
                 f"config: expected an IndexCacheConfig, got {type(config).__name__}")
@@ -359,19 +368,48 @@ class IndexCache:
         self.device = torch.device(device) if device is not None else torch.get_default_device()
         self.stage = None if stage is None else check_int("stage", stage, 0)
         self.layers = config.layers if stage is None else config.stage_layers(stage)
-        self._buffers = {
-            layer: torch.full((self.capacity, self.topk), -1, dtype=torch.int32,
-                              device=self.device)
-            for layer in self.layers if config.is_full(layer)
-        }
+        if not isinstance(share_buffers, bool):
+            raise ValueError(f"share_buffers: expected a bool, got {share_buffers!r}")
+        self.share_buffers = share_buffers
+        self._buffers = self._allocate()
         # (entry point, source layer) -> (result view, row_offset) written in the current step.
         self._results: dict[tuple[str, int], tuple[torch.Tensor, int]] = {}
         self._last_layer = -1
 
+    def _allocate(self) -> dict[int, torch.Tensor]:
+        """One buffer per indexer layer, or with share_buffers the interval-partitioning of their
+        lifetimes [layer, last layer reusing it]: owners in ascending order each take the first
+        buffer whose previous owner's lifetime ended before them, which uses as many buffers as
+        lifetimes overlap at most (the optimum for intervals)."""
+        def new() -> torch.Tensor:
+            return torch.full((self.capacity, self.topk), -1, dtype=torch.int32,
+                              device=self.device)
+
+        owners = [layer for layer in self.layers if self.config.is_full(layer)]
+        if not self.share_buffers:
+            return {layer: new() for layer in owners}
+        last_use = {layer: layer for layer in owners}
+        for layer in self.layers:
+            source = self.config.source_layer(layer)
+            if source in last_use:
+                last_use[source] = max(last_use[source], layer)
+        pool: list[torch.Tensor] = []
+        free_after: list[int] = []  # free_after[i]: last use of buffer i's latest owner
+        assigned = {}
+        for layer in sorted(owners):
+            i = next((i for i, end in enumerate(free_after) if end < layer), len(pool))
+            if i == len(pool):
+                pool.append(new())
+                free_after.append(-1)
+            assigned[layer] = pool[i]
+            free_after[i] = last_use[layer]
+        return assigned
+
     @property
     def nbytes(self) -> int:
-        """Total bytes of the persistent index buffers."""
-        return sum(b.numel() * b.element_size() for b in self._buffers.values())
+        """Total bytes of the persistent index buffers (shared ones counted once)."""
+        unique = {b.data_ptr(): b for b in self._buffers.values()}
+        return sum(b.numel() * b.element_size() for b in unique.values())
 
     def buffer(self, layer: int) -> torch.Tensor:
         """The persistent int32 ``[capacity, topk]`` buffer holding ``layer``'s indices (its source

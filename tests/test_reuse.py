@@ -499,6 +499,8 @@ def test_runtime_rejections():
         IndexCache(CFG6, max_tokens=0)
     with pytest.raises(ValueError, match=r"topk: expected an int >= 1, got 0"):
         IndexCache(CFG6, max_tokens=8, topk=0)
+    with pytest.raises(ValueError, match=r"share_buffers: expected a bool, got 1"):
+        IndexCache(CFG6, max_tokens=8, share_buffers=1)
 
 
 def test_stage_cache_holds_only_its_layers():
@@ -513,6 +515,72 @@ def test_stage_cache_holds_only_its_layers():
         last.prefill(4)
     got = last.prefill(5, *_prefill_inputs(5, 8, 30))
     assert last.prefill(6).data_ptr() == got.data_ptr()
+
+
+def _lifetimes(cfg, layers):
+    """Brute force: each indexer layer's index lifetime [layer, last layer reusing it]."""
+    last = {f: f for f in layers if cfg.is_full(f)}
+    for layer in layers:
+        for f in last:
+            if cfg.source_layer(layer) == f:
+                last[f] = max(last[f], layer)
+    return last
+
+
+def _configs_for_sharing():
+    g = torch.Generator().manual_seed(5)
+    yield IndexCacheConfig(num_hidden_layers=61, index_topk_freq=4), None
+    yield IndexCacheConfig(num_hidden_layers=78, index_topk_freq=4, index_skip_topk_offset=3), None
+    yield IndexCacheConfig(num_hidden_layers=10, index_topk_freq=4, num_nextn_predict_layers=2,
+                           pipeline_stage_starts=[0, 5]), 1
+    for _ in range(20):
+        n = int(torch.randint(1, 30, (1,), generator=g))
+        pattern = "F" + "".join("FS"[int(b)] for b in torch.randint(0, 2, (n - 1,), generator=g))
+        yield IndexCacheConfig(num_hidden_layers=n, index_topk_pattern=pattern,
+                               num_nextn_predict_layers=int(n % 3)), None
+
+
+def test_shared_buffers_keep_overlapping_lifetimes_apart_with_fewest_buffers():
+    for cfg, stage in _configs_for_sharing():
+        cache = IndexCache(cfg, max_tokens=3, topk=5, device="cpu", stage=stage,
+                           share_buffers=True)
+        separate = IndexCache(cfg, max_tokens=3, topk=5, device="cpu", stage=stage)
+        last = _lifetimes(cfg, cache.layers)
+        assert sorted(cache._buffers) == sorted(last) == sorted(separate._buffers)
+        ptr = {f: cache._buffers[f].data_ptr() for f in last}
+        for f in last:
+            for h in last:
+                if f != h and f <= last[h] and h <= last[f]:
+                    assert ptr[f] != ptr[h], (cfg, f, h)
+        most_alive = max(sum(f <= x <= last[f] for f in last) for x in cache.layers)
+        assert len(set(ptr.values())) == most_alive
+        assert cache.nbytes == most_alive * 3 * 5 * 4
+        assert separate.nbytes == len(last) * 3 * 5 * 4
+
+
+@pytest.mark.parametrize("kind", ["prefill", "decode"])
+def test_shared_buffers_step_results_valid_through_their_lifetime(kind):
+    cfg = IndexCacheConfig(num_hidden_layers=8, index_topk_pattern="FFSSFSFS")
+    cache = IndexCache(cfg, max_tokens=24, topk=TOPK, device="cpu", max_batch=3, max_next_n=2,
+                       share_buffers=True)
+    assert cache.nbytes == cache.capacity * TOPK * 4  # one buffer for the whole layer stack
+    for step in range(2):
+        results = {}
+        for layer in range(8):
+            source = cfg.source_layer(layer)
+            if kind == "prefill":
+                inputs = _prefill_inputs(10 * step + layer, 24, 90) if layer == source else ()
+                got = cache.prefill(layer, *inputs)
+                want = ops.indexer_topk(*inputs, TOPK) if inputs else None
+            else:
+                inputs = _paged_inputs(10 * step + layer, [90, 40, 3], 2) if layer == source else ()
+                got = cache.decode(layer, *(inputs or (None,) * 6))
+                want = ops.indexer_topk_paged(*inputs, TOPK) if inputs else None
+            if want is not None:
+                assert torch.equal(_rows_sorted(got), _rows_sorted(want))
+                results[layer] = got.clone()
+            else:  # read before any later Full layer writes: still the source's indices
+                assert torch.equal(got, results[source])
 
 
 def test_decode_capacity_covers_max_batch_times_next_n():
