@@ -334,8 +334,9 @@ class IndexCache:
     all layers) a buffer serves every indexer layer whose indices are dead by the time the next
     one writes: a layer's indices live from its own call to its last Shared layer's, and the
     fewest buffers that keep overlapping lifetimes apart are allocated (one, with this module's
-    rule: a Shared layer reuses the nearest preceding Full layer, so lifetimes never overlap). Results of a layer are then valid until its last Shared layer has run; later Full
-    layers may overwrite them.
+    rule: a Shared layer reuses the nearest preceding Full layer, so lifetimes never overlap).
+    A layer's results are then valid until its last Shared layer has run; later Full layers may
+    overwrite them.
 
     Args:
         config: the layer split.

@@ -16,14 +16,14 @@
 //   above). When the first batches are only a sample of the window (many rows, one CTA each),
 //   the starting bound is estimated from them (the bin above which the sample holds its share
 //   of k, with 25 % to spare) instead of proven: a proven bound would start at the sample's k-th
-//   item and climb slowly, appending ~3x the candidates over a 128K row (measured 1582 -> 1304 us
-//   at 4096 x 128K, bench/NOTES.md). An estimate above the k-th key is detected after the stream (the digit-0
-//   search lands below it) and the row is streamed again with proven bounds only.
+//   item and climb slowly, appending ~3x the candidates over a 128K row (measured 1582 -> 1304
+//   us at 4096 x 128K, bench/NOTES.md). An estimate above the k-th key is detected after the
+//   stream (the digit-0 search lands below it) and the row is streamed again with proven bounds.
 // - The running bound is a lower bound of the row's k-th key: a bin b such that the digit-0
 //   histogram of the candidates counted so far has >= k items in bins >= b. Counts only grow, so
 //   a racy read of the histogram (other warps add to it concurrently) still gives a valid bound;
-//   a warp raises it (atomicMax) after every kRaiseEvery entries it appended. Items below the bound
-//   are never needed: a list is compacted against the bound when it rose, or when the pool is
+//   a warp raises it (atomicMax) after every kRaiseEvery entries it appended. Items below the
+//   bound are never needed: a list is compacted against the bound when it rose, or when the pool is
 //   full. The histogram keeps the counts of dropped items, which all sit in bins below the final
 //   bound, where no search ever goes (the search starts from the top and stops at the first bin
 //   where the suffix count reaches k, which is >= any valid bound).
