@@ -12,8 +12,9 @@
 #   SANITIZE=0|1               compute-sanitizer over the GPU tests (default 0)
 #   SANITIZE_TOOLS="..."       default "memcheck racecheck"
 #   SANITIZE_K="expr"          pytest -k expression naming the ops to sanitise (default: all)
-#   PROFILE="<bench.profile words>[;...]"  Nsight Compute over one call each, e.g. "topk --rows 1"
-#   PROFILE_KERNEL=regex       the kernel ncu captures (default: the op name)
+#   PROFILE="<bench.profile words>[;...]"  Nsight Compute over one benchmark case each, e.g.
+#                              "--family topk --op topk --shape rows=1" (--shape: one word)
+#   PROFILE_KERNEL=regex       the kernel ncu captures (default: the --op value)
 #   BENCH=headline|sweep|none  benchmark shapes (default headline)
 #   BENCH_ARGS="..."           extra python -m bench words, e.g. "--families topk --budget 0.5"
 #   INDEXCACHE_COMMIT          the commit the JSON records (the device copy has no .git)
@@ -155,7 +156,11 @@ if [ -n "${PROFILE:-}" ]; then
     read -ra profile_args <<<"$spec"
     [ "${#profile_args[@]}" = 0 ] && continue
     n=$((n + 1))
-    kernel=${PROFILE_KERNEL:-${profile_args[0]}}
+    kernel=${PROFILE_KERNEL:-}
+    for ((i = 0; i + 1 < ${#profile_args[@]}; ++i)); do
+      [ -z "$kernel" ] && [ "${profile_args[i]}" = --op ] && kernel=${profile_args[i + 1]}
+    done
+    kernel=${kernel:-.}
     stage "profile$n" profile.log ncu --clock-control none --set full --import-source yes \
       -k "regex:$kernel" --launch-skip 2 -c 1 -f -o "/tmp/profile$n" \
       "$PY" -m bench.profile "${profile_args[@]}" || true
