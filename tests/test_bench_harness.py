@@ -205,3 +205,14 @@ def test_torch_baselines_compute_the_ops(monkeypatch):
         ref_out, ref_lse = case.impls[0].fn(SimpleNamespace(**{**vars(x), "out": None, "lse": None}))
         case.impls[1].fn(x)
         assert _relative(x.out, ref_out) < 1e-2 and _relative(x.lse, ref_lse) < 1e-3
+
+
+# --- the profiling entry point ----------------------------------------------------------------
+
+def test_profile_runs_the_benchmark_case_it_names(capsys):
+    from bench import profile
+    assert profile.main(["--family", "topk", "--op", "topk", "--shape", "rows=4",
+                         "--calls", "1"]) == 0
+    assert "ran topk [indexcache] rows=4 len=8192" in capsys.readouterr().out
+    assert profile.main(["--family", "topk", "--op", "topk", "--impl", "nope"]) == 2
+    assert profile.main(["--family", "topk", "--op", "sparse_mla_decode"]) == 2
