@@ -18,6 +18,8 @@
 #   BENCH=headline|sweep|none  benchmark shapes (default headline)
 #   BENCH_ARGS="..."           extra python -m bench words, e.g. "--families topk --budget 0.5"
 #   INDEXCACHE_COMMIT          the commit the JSON records (the device copy has no .git)
+#   STAGE_TIMEOUT=<seconds>    kill any stage that runs longer (a hung kernel must not eat the
+#                              whole call; 0 = no limit, the default)
 # Everything lands in $OUT: one JSON per benchmark family, and logs.tar.gz holding env.log
 # build.log tests.log sanitize.log bench.log profile*.{log,txt,csv} (the tool returns 8 files at
 # most; logs are capped at 15 MB, keeping their ends).
@@ -31,6 +33,7 @@ SANITIZE=${SANITIZE:-0}
 SANITIZE_TOOLS=${SANITIZE_TOOLS:-memcheck racecheck}
 SANITIZE_K=${SANITIZE_K:-}
 BENCH=${BENCH:-headline}
+STAGE_TIMEOUT=${STAGE_TIMEOUT:-0}
 PY=${PYTHON:-python3}
 read -ra test_args <<<"${TEST_ARGS:-}"
 read -ra bench_args <<<"${BENCH_ARGS:-}"
@@ -47,7 +50,11 @@ stage() {
   local name=$1 log=$2 start=$SECONDS rc=0
   shift 2
   echo "--- $name: $*" | tee -a "$OUT/$log"
-  "$@" >>"$OUT/$log" 2>&1 || rc=$?
+  if [ "$STAGE_TIMEOUT" != 0 ]; then
+    timeout --kill-after=10 "$STAGE_TIMEOUT" "$@" >>"$OUT/$log" 2>&1 || rc=$?
+  else
+    "$@" >>"$OUT/$log" 2>&1 || rc=$?
+  fi
   local last
   last=$(grep -v '^[[:space:]]*$' "$OUT/$log" | tail -n 1 | cut -c1-110)
   stages+=("$(printf '%-10s %-7s %5ds  %-13s %s' "$name" "$([ "$rc" = 0 ] && echo ok || echo "rc=$rc")" \
