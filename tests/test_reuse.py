@@ -648,3 +648,39 @@ def test_cuda_graph_captures_multi_layer_decode_step():
         source = CFG6.source_layer(layer)
         want = ops.indexer_topk_paged(*static[source], TOPK)
         assert torch.equal(_rows_sorted(captured[layer]), _rows_sorted(want))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+def test_cuda_graph_decode_step_with_shared_buffers():
+    """share_buffers in a captured step: every layer's indices are copied out right after its
+    call (inside the graph), so each is checked within its lifetime after the replay."""
+    device = "cuda"
+    cache = IndexCache(CFG6, max_tokens=8, topk=TOPK, device=device, max_batch=4,
+                       share_buffers=True)
+    assert cache.nbytes == cache.capacity * TOPK * 4
+    static = {layer: _paged_inputs(layer, [300, 64, 1, 129], 1, device)
+              for layer in CFG6.full_layers}
+    snapshots = [torch.empty(4, TOPK, dtype=torch.int32, device=device) for _ in range(6)]
+
+    def step():
+        for layer in range(6):
+            snapshots[layer].copy_(cache.decode(layer, *static.get(layer, ())))
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    for layer, inputs in static.items():
+        fresh = _paged_inputs(layer + 70, [300, 64, 1, 129], 1, device)
+        for dst, src in zip(inputs[:5], fresh[:5]):
+            dst.copy_(src)
+    graph.replay()
+    torch.cuda.synchronize()
+    for layer in range(6):
+        want = ops.indexer_topk_paged(*static[CFG6.source_layer(layer)], TOPK)
+        assert torch.equal(_rows_sorted(snapshots[layer]), _rows_sorted(want))
