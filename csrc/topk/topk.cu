@@ -84,13 +84,7 @@ __global__ void __launch_bounds__(kThreads, kCtasPerSm) topk_kernel(const TopkPa
   sl.lo = std::min(cta_lo + warp * per_warp, cta_hi);
   sl.hi = std::min(sl.lo + per_warp, cta_hi);
 
-  for (int i = threadIdx.x; i < 2 * kBins; i += kThreads) (&s.hist[0][0])[i] = 0;
-  if (threadIdx.x == 0) {
-    s.free_pages = ~0ull;
-    s.bound = 0;
-    s.estimate = 0;
-  }
-  __syncthreads();
+  reset_stream_state(s);
 
   // A window of <= k items is taken whole, read straight from the slices.
   Threshold th{n_valid <= int64_t(k), 0, 0};
@@ -112,8 +106,9 @@ __global__ void __launch_bounds__(kThreads, kCtasPerSm) topk_kernel(const TopkPa
       cv.sync();
       // A proven pass always answers; only an estimate above the k-th key is retried.
       if (find_in_cluster(s, cv, 0, 11, k, true, f) || attempt > 0) break;
-      cv.sync();
-      restart_stream(s, L);
+      cv.sync();  // every CTA is done reading this one's histogram
+      reset_stream_state(s);
+      L = WarpList{0, 0, false, 0};
     }
     th.shift = kShift0;
     th.prefix = f.bin;

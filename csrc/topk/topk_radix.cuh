@@ -746,16 +746,16 @@ __device__ void stream_slice(Smem& s, const ClusterView& cv, const Slice& sl, Wa
   }
 }
 
-// Whole CTA, after every CTA of the cluster is done with this one's histograms: forgets a pass
-// that filtered with an estimate above the k-th key, before the proven pass.
-__device__ void restart_stream(Smem& s, WarpList& L) {
-  for (int i = threadIdx.x; i < kBins; i += kThreads) s.hist[0][i] = 0;
+// Whole CTA (returns after a barrier): empty histograms, a free page pool, no bound. Before the
+// stream, and again before a proven pass that replaces one whose estimate overshot the k-th key
+// (then only after every CTA of the cluster is done reading this one's histograms).
+__device__ void reset_stream_state(Smem& s) {
+  for (int i = threadIdx.x; i < 2 * kBins; i += kThreads) (&s.hist[0][0])[i] = 0;
   if (threadIdx.x == 0) {
     s.free_pages = ~0ull;
     s.bound = 0;
     s.estimate = 0;
   }
-  L = WarpList{0, 0, false, 0};
   __syncthreads();
 }
 
