@@ -614,6 +614,27 @@ def test_torch_compile_layer_loop_fullgraph():
     assert frames[2] == frames[1]
 
 
+def _capture(step):
+    """Warms `step` up on a side stream, then captures it: (graph, what the capture returned)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+    return graph, captured
+
+
+def _refresh(static, seed_offset, device):
+    """New decode inputs written in place into the captured tensors (max_context_len stays)."""
+    for layer, inputs in static.items():
+        fresh = _paged_inputs(layer + seed_offset, [300, 64, 1, 129], 1, device)
+        for dst, src in zip(inputs[:5], fresh[:5]):
+            dst.copy_(src)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
 def test_cuda_graph_captures_multi_layer_decode_step():
@@ -625,22 +646,12 @@ def test_cuda_graph_captures_multi_layer_decode_step():
     def step():
         return [cache.decode(layer, *static.get(layer, ())) for layer in range(6)]
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured = step()
+    graph, captured = _capture(step)
     for layer in range(6):
         assert captured[layer].data_ptr() == cache.buffer(layer).data_ptr()
 
     # New inputs written in place into the captured tensors; replay must see them.
-    for layer, inputs in static.items():
-        fresh = _paged_inputs(layer + 50, [300, 64, 1, 129], 1, device)
-        for dst, src in zip(inputs[:5], fresh[:5]):
-            dst.copy_(src)
+    _refresh(static, 50, device)
     cache.buffer(0).fill_(-7)
     graph.replay()
     torch.cuda.synchronize()
@@ -667,18 +678,8 @@ def test_cuda_graph_decode_step_with_shared_buffers():
         for layer in range(6):
             snapshots[layer].copy_(cache.decode(layer, *static.get(layer, ())))
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-    for layer, inputs in static.items():
-        fresh = _paged_inputs(layer + 70, [300, 64, 1, 129], 1, device)
-        for dst, src in zip(inputs[:5], fresh[:5]):
-            dst.copy_(src)
+    graph, _ = _capture(step)
+    _refresh(static, 70, device)
     graph.replay()
     torch.cuda.synchronize()
     for layer in range(6):

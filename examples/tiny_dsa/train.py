@@ -26,8 +26,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
-import subprocess
 import sys
 import sysconfig
 import time
@@ -45,6 +43,7 @@ if str(ROOT) not in sys.path:
     # the checkout, as `python -m examples.tiny_dsa.train` would.
     sys.path.insert(0, str(ROOT))
 
+from bench.harness import current_commit  # noqa: E402
 from examples.tiny_dsa.model import MAIN, TINY, DSAConfig, TinyDSA  # noqa: E402
 from indexcache_ops.analysis import overlap_matrix  # noqa: E402
 from indexcache_ops.distill import multi_layer_distillation_loss  # noqa: E402
@@ -284,22 +283,6 @@ def chance_overlap(topk: int, context: int) -> float:
     if topk >= context:
         return 1.0
     return sum(topk / (t + 1) for t in range(topk, context)) / (context - topk)
-
-
-def commit_name() -> Optional[str]:
-    """``$INDEXCACHE_COMMIT`` (set by the device runs, whose copy of the tree has no .git), else
-    ``git rev-parse --short HEAD`` plus "-dirty" when the tree has uncommitted changes, else
-    None."""
-    if os.environ.get("INDEXCACHE_COMMIT"):
-        return os.environ["INDEXCACHE_COMMIT"]
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, check=True,
-                              capture_output=True, text=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, check=True,
-                               capture_output=True, text=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    return head + ("-dirty" if dirty else "")
 
 
 def pattern_at(result, num_layers: int, num_full: int) -> str:
@@ -567,7 +550,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     results = {
         "config": dataclasses.asdict(settings) | {"seed": args.seed, "tiny": args.tiny},
         "overrides": changed,
-        "commit": commit_name(),
+        "commit": current_commit(),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__,
         "data": data_stats | {"calibration_tokens": settings.calib_seqs * cfg.context,
