@@ -91,17 +91,7 @@ struct Smem {
   uint8_t ptab[kWarps][kPages];                  // page table of each warp's list
 };
 
-__device__ __forceinline__ int lane_id() { return threadIdx.x % kWarpSize; }
 __device__ __forceinline__ int warp_id() { return threadIdx.x / kWarpSize; }
-
-__device__ __forceinline__ uint32_t warp_inclusive_sum(uint32_t x) {
-#pragma unroll
-  for (int offset = 1; offset < kWarpSize; offset *= 2) {
-    const uint32_t y = __shfl_up_sync(kFullMask, x, offset);
-    if (lane_id() >= offset) x += y;
-  }
-  return x;
-}
 
 __device__ __forceinline__ uint32_t byte_of(uint32_t word, int i) {
   return (word >> (8 * i)) & 0xFFu;
