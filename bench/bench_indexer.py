@@ -6,13 +6,16 @@ weights + output written, compared with the copy ceiling (they are memory-bound)
 
 Headline: prefill S = 4096, N = 65536, H = 64, D = 128 with causal-tail (ks = 0,
 ke = N - S + t + 1) and full windows; decode B = 64, context 65536, next_n = 1. indexer_topk rows
-(k = 2048) compare the fused op with the two-kernel path (indexer_logits then topk) it must beat.
+(k = 2048) compare the op as it ships (chunked), the fused kernel (`indexcache-fused`, switched
+on by INDEXCACHE_INDEXER_TOPK=fused) and the two-kernel path (indexer_logits then topk) they
+must beat.
 Sweep: prefill S {2048, 4096, 8192} x N {8K, 32K, 64K, 128K} x {causal, full} x H {32, 64};
 decode B {1, 8, 64, 128} x context {8K, 32K, 64K, 128K} x next_n {1, 2}.
 """
 from __future__ import annotations
 
 import itertools
+import os
 import sys
 from types import SimpleNamespace
 
@@ -93,6 +96,22 @@ def _torch_topk_into(out: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
 
 # --- cases ------------------------------------------------------------------------------------
 
+def _fused_requested(fn):
+    """fn with the fused indexer_topk kernel switched on (INDEXCACHE_INDEXER_TOPK=fused; the op
+    still takes the chunked path where the kernel does not apply, e.g. H = 32)."""
+    def run(x):
+        old = os.environ.get("INDEXCACHE_INDEXER_TOPK")
+        os.environ["INDEXCACHE_INDEXER_TOPK"] = "fused"
+        try:
+            return fn(x)
+        finally:
+            if old is None:
+                del os.environ["INDEXCACHE_INDEXER_TOPK"]
+            else:
+                os.environ["INDEXCACHE_INDEXER_TOPK"] = old
+    return run
+
+
 def _prefill_cases(ctx: Context, shape: dict) -> list[Case]:
     S, N, H, Dh = shape["S"], shape["N"], shape["H"], shape["D"]
     ks = torch.zeros(S, dtype=torch.int32)
@@ -123,6 +142,8 @@ def _prefill_cases(ctx: Context, shape: dict) -> list[Case]:
         Case("indexer_topk", {**shape, "k": K}, inputs(K, torch.int32), [
             Impl("indexcache", lambda x: ops.indexer_topk(
                 x.q, x.k, x.k_scale, x.weights, x.ks, x.ke, K, out=x.out)),
+            Impl("indexcache-fused", _fused_requested(lambda x: ops.indexer_topk(
+                x.q, x.k, x.k_scale, x.weights, x.ks, x.ke, K, out=x.out))),
             Impl("indexcache-two-kernel", lambda x: ops.topk(logits(x), K, x.ks, x.ke, out=x.out)),
             Impl("torch", lambda x: _torch_topk_into(x.out, torch_indexer_logits(
                 x, ks, ke, torch.empty(S, N, device=dev))))],

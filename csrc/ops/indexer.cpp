@@ -3,6 +3,8 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
+#include <string_view>
 #include <utility>
 
 #include "indexcache/params.h"
@@ -131,11 +133,21 @@ void check_tma_operand(const ArgCheck& c, const char* name, const at::Tensor& t,
               "must have at most 2^31 - 1 rows of D values on CUDA, got ", rows);
 }
 
-// NOTES: until the fused scoring + selection kernel lands (issue 5), CUDA indexer_topk scores a
-// chunk of rows into a workspace of at most this many bytes and selects on it with the radix
-// top-k, chunk after chunk on the stream. Memory stays bounded whatever N is (one row per chunk
-// at least), at the speed of the two-kernel path rather than above it.
+// NOTES:
+// - The bounded-chunk path: CUDA indexer_topk scores a chunk of rows into a workspace of at most
+//   this many bytes and selects on it with the radix top-k, chunk after chunk on the stream.
+//   Memory stays bounded whatever N is (one row per chunk at least), at the speed of the
+//   two-kernel path rather than above it. The paged (decode) form always takes it.
+// - The fused kernel (csrc/indexer/indexer_topk.cu: no workspace at all) serves the ragged form
+//   where cuda::indexer_topk_fused_applies() says so, but only with INDEXCACHE_INDEXER_TOPK=fused
+//   in the environment: it is compiled and its tests are written, and it has not yet run on a GPU
+//   (bench/NOTES.md). Once it has passed there, it becomes the default and this switch goes.
 constexpr int64_t kScoreWorkspaceBytes = int64_t{128} << 20;
+
+bool fused_indexer_topk_requested() {
+  const char* v = std::getenv("INDEXCACHE_INDEXER_TOPK");
+  return v != nullptr && std::string_view(v) == "fused";
+}
 
 int64_t rows_per_chunk(int64_t row_len) {
   return std::max<int64_t>(1, kScoreWorkspaceBytes / (int64_t{sizeof(float)} * std::max<int64_t>(row_len, 1)));
@@ -280,7 +292,16 @@ at::Tensor indexer_topk(const at::Tensor& q, const at::Tensor& k, const at::Tens
   if (q.is_cuda()) {
     check_tma_operand(c, "q", q, p.scores.S * p.scores.H);
     check_tma_operand(c, "k", k, p.scores.N);
-    chunked_indexer_topk_cuda(p, q);
+    bool fused = false;
+    if (fused_indexer_topk_requested()) {
+      const c10::cuda::CUDAGuard guard(q.device());  // the SM count is q's device's
+      fused = cuda::indexer_topk_fused_applies(p);
+    }
+    if (fused) {
+      launch_on_device_of(q, [&](cudaStream_t s) { return cuda::indexer_topk(p, s); });
+    } else {
+      chunked_indexer_topk_cuda(p, q);
+    }
   } else {
     cpu::indexer_topk(p);
   }

@@ -1,0 +1,110 @@
+"""The selection protocol of the fused indexer_topk kernel (csrc/indexer/indexer_topk.cu), replayed
+step for step in Python and checked against a brute-force top-k: candidate encoding, pool floor,
+the cut trigger at sync points, the radix select over 8-bit digits with its early stop, and the
+final order. It checks the algorithm (that no reachable state overflows a pool or loses a key),
+not the CUDA code, which tests/test_indexer_topk_fused.py checks on the GPU."""
+
+import zlib
+
+import numpy as np
+import pytest
+
+TILE, SYNC_TILES, POOL, MAX_TOPK = 256, 4, 4096, 2048
+CUT_ABOVE = POOL - SYNC_TILES * TILE
+
+
+def order_key(x: np.float32) -> int:
+    """indexcache/numeric.h topk_order_key: NaN < -inf < ... < +inf as unsigned 32-bit."""
+    bits = int(np.float32(x).view(np.uint32))
+    if (bits & 0x7FFFFFFF) > 0x7F800000:
+        return 0
+    if bits == 0x80000000:
+        bits = 0
+    return (~bits) & 0xFFFFFFFF if bits & 0x80000000 else bits | 0x80000000
+
+
+def candidate(score, key: int) -> int:
+    return (order_key(score) << 32) | ((~key) & 0xFFFFFFFF)
+
+
+def select_k(pool: list[int], k: int) -> tuple[list[int], int]:
+    """The kernel's select_k on one pool: the k largest entries and the new floor."""
+    if len(pool) <= k:
+        return pool, None
+    prefix = mask = 0
+    k_rem = k
+    for shift in range(56, -8, -8):
+        hist = [0] * 256
+        for c in pool:
+            if c & mask == prefix:
+                hist[(c >> shift) & 255] += 1
+        above = 0
+        for b in range(255, -1, -1):  # the warp's scan from the top
+            if above + hist[b] >= k_rem:
+                break
+            above += hist[b]
+        prefix |= b << shift
+        mask |= 255 << shift
+        k_rem -= above
+        if hist[b] == k_rem:
+            break
+    kept = [c for c in pool if c & mask >= prefix]
+    assert len(kept) == k
+    return kept, prefix
+
+
+def fused_topk(scores: np.ndarray, begin: int, end: int, k: int, lo: int) -> list[int]:
+    """One query of a group whose tiles start at key lo (<= begin)."""
+    pool, floor = [], 0
+    tiles = -(-(end - lo) // TILE)
+    for t in range(tiles):
+        for key in range(lo + t * TILE, lo + (t + 1) * TILE):
+            if begin <= key < end:
+                c = candidate(scores[key], key)
+                if c >= floor:
+                    pool.append(c)
+        assert len(pool) <= POOL, "pool overflow"
+        if (t + 1) % SYNC_TILES == 0 and t + 1 < tiles and len(pool) > CUT_ABOVE:
+            pool, new_floor = select_k(pool, k)
+            floor = new_floor if new_floor is not None else floor
+    pool, _ = select_k(pool, k)
+    out = [(~c) & 0xFFFFFFFF for c in sorted(pool, reverse=True)]
+    return out + [-1] * (k - len(out))
+
+
+def brute_force(scores: np.ndarray, begin: int, end: int, k: int) -> list[int]:
+    keys = sorted(range(begin, end), key=lambda s: (-order_key(scores[s]), s))[:k]
+    return keys + [-1] * (k - len(keys))
+
+
+def rows(kind: str, n: int, rng) -> np.ndarray:
+    if kind == "normal":
+        return rng.standard_normal(n).astype(np.float32)
+    if kind == "ascending":
+        return np.arange(n, dtype=np.float32)
+    if kind == "descending":
+        return -np.arange(n, dtype=np.float32)
+    if kind == "all-equal":
+        return np.full(n, 1.5, dtype=np.float32)
+    if kind == "few-values":
+        return rng.integers(0, 3, n).astype(np.float32)
+    if kind == "specials":
+        x = rng.standard_normal(n).astype(np.float32)
+        x[rng.integers(0, n, n // 5)] = np.nan
+        x[rng.integers(0, n, n // 5)] = -np.inf
+        x[rng.integers(0, n, n // 9)] = np.inf
+        x[rng.integers(0, n, n // 9)] = -0.0
+        return x
+    raise ValueError(kind)
+
+
+@pytest.mark.parametrize("kind", ["normal", "ascending", "descending", "all-equal", "few-values",
+                                  "specials"])
+@pytest.mark.parametrize("k", [1, 37, 512, MAX_TOPK])
+def test_protocol_equals_brute_force(kind, k):
+    rng = np.random.default_rng(zlib.crc32(f"{kind}-{k}".encode()))
+    n = 9000
+    scores = rows(kind, n, rng)
+    for begin, end in [(0, n), (17, 5000), (300, 300 + k), (4000, 4001), (5, 5)]:
+        lo = begin - begin % 16
+        assert fused_topk(scores, begin, end, k, lo) == brute_force(scores, begin, end, k)

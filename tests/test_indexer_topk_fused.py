@@ -1,0 +1,143 @@
+"""The fused indexer_topk kernel (csrc/indexer/indexer_topk.cu), switched on by
+INDEXCACHE_INDEXER_TOPK=fused. Its scores are computed by the same device code as indexer_logits,
+bit for bit, so it must return exactly the keys of topk(indexer_logits(...)) on the same GPU, in
+(score desc, key asc) order; on top of that, sampled rows are checked against the float64
+reference, and score patterns with known answers (ties everywhere, ascending and descending
+scores) are checked against index arithmetic alone."""
+
+import pytest
+import torch
+
+from indexcache_ops import ops
+from indexcache_ops import reference as ref
+
+from _util import (MAX_TOPK, Indexer, assert_padding_untouched, assert_topk_equal,
+                   assert_topk_near, gpu, indexer_inputs, move, poisoned, random_windows)
+
+HEADS = 64  # the kernel's configuration; H = 32 keeps the chunked path
+
+
+@pytest.fixture
+def fused(monkeypatch):
+    monkeypatch.setenv("INDEXCACHE_INDEXER_TOPK", "fused")
+
+
+def fused_rows(extra: int = 37) -> int:
+    """A query count the kernel takes: >= 8 groups of 2 queries per SM (odd, so the last group is
+    half empty)."""
+    return 16 * torch.cuda.get_device_properties(0).multi_processor_count + extra
+
+
+def two_kernel(x: Indexer, k: int) -> torch.Tensor:
+    return ops.topk(ops.indexer_logits(*x.args()), k, x.ks, x.ke, sorted=True)
+
+
+def check_sampled_rows(got: torch.Tensor, x: Indexer, k: int, rows: int = 24) -> None:
+    """float64 reference on a few rows (the whole [S, N] in float64 would take minutes)."""
+    pick = torch.linspace(0, x.q.shape[0] - 1, rows).long()
+    sub = Indexer(*(t.cpu() for t in (x.q[pick], x.k, x.k_scale, x.weights[pick], x.ks[pick],
+                                      x.ke[pick])))
+    scores = ref.indexer_logits(*sub.args())
+    magnitude = ref.indexer_logits(sub.q, sub.k, sub.k_scale, sub.weights.abs(), sub.ks, sub.ke)
+    assert_topk_near(got[pick], scores, magnitude, sub.ks, sub.ke, k)
+
+
+@gpu
+@pytest.mark.parametrize("sorted_", [False, True])
+@pytest.mark.parametrize("topk", [1, 100, MAX_TOPK])
+@pytest.mark.parametrize("D", [128, 64])
+@pytest.mark.parametrize("windows,N", [("random", 3001), ("causal", 9000), ("full", 4700)])
+def test_fused_equals_two_kernel(gen, fused, windows, N, D, topk, sorted_):
+    S = fused_rows()
+    x = move(indexer_inputs(gen, S, N, HEADS, D, windows), "cuda")
+    out = poisoned((S, topk), torch.int32, "cuda", row_pad=3)
+    got = ops.indexer_topk(*x.args(), topk, sorted=sorted_, out=out)
+    assert got is out
+    assert_padding_untouched(out)
+    assert_topk_equal(out, two_kernel(x, topk), sorted_)
+    check_sampled_rows(out, x, topk)
+
+
+@gpu
+def test_fused_is_deterministic_and_sorted_either_way(gen, fused):
+    S, N, topk = fused_rows(), 12000, MAX_TOPK
+    x = move(indexer_inputs(gen, S, N, HEADS, 128, "random"), "cuda")
+    runs = [ops.indexer_topk(*x.args(), topk, sorted=s) for s in (False, True, False, True)]
+    for r in runs[1:]:
+        assert torch.equal(r, runs[0])
+    assert_topk_equal(runs[0], two_kernel(x, topk), sorted_=True)
+
+
+def monotone_inputs(gen, S: int, N: int, ascending: bool, windows: str) -> Indexer:
+    """Every key the same positive e4m3 row and every query positive, so each query's score is
+    k_scale[s] times a positive constant: strictly monotone in s (or constant: `ascending=None`)."""
+    x = indexer_inputs(gen, S, N, HEADS, 128, windows)
+    q = x.q.float().abs().clamp_min(0.25).to(x.q.dtype)
+    k = x.k[:1].float().abs().clamp_min(0.25).to(x.k.dtype).expand(N, -1).contiguous()
+    if ascending is None:
+        scale = torch.ones(N)
+    else:
+        ramp = 1.0 + torch.arange(N, dtype=torch.float32) * 1e-3
+        scale = ramp if ascending else ramp.flip(0)
+    return Indexer(q, k, scale, x.weights.abs() + 1e-3, x.ks, x.ke)
+
+
+def expected_by_position(ks, ke, k: int, from_end: bool) -> torch.Tensor:
+    """The k last (from_end) or first keys of each window, in the order of their scores."""
+    rows = []
+    for s, e in zip(ks.tolist(), ke.tolist()):
+        keys = list(range(e - 1, s - 1, -1)) if from_end else list(range(s, e))
+        keys = keys[:k]
+        rows.append(keys + [-1] * (k - len(keys)))
+    return torch.tensor(rows, dtype=torch.int32)
+
+
+@gpu
+@pytest.mark.parametrize("order", ["ascending", "descending", "all-equal"])
+@pytest.mark.parametrize("windows", ["causal", "random"])
+def test_fused_known_answers(gen, fused, order, windows):
+    # Ascending scores make every key enter its query's pool (the most cuts); all-equal scores
+    # make every candidate differ in its key bits alone (the longest radix select).
+    S, N, topk = fused_rows(), 7000, MAX_TOPK
+    x = monotone_inputs(gen, S, N, {"ascending": True, "descending": False}.get(order), windows)
+    got = ops.indexer_topk(*move(x, "cuda").args(), topk, sorted=True).cpu()
+    want = expected_by_position(x.ks, x.ke, topk, from_end=order == "ascending")
+    assert_topk_equal(got, want, sorted_=True)
+
+
+@gpu
+def test_fused_empty_groups_and_rows(gen, fused):
+    S, N, topk = fused_rows(), 2500, 300
+    x = indexer_inputs(gen, S, N, HEADS, 128, "random")
+    starts, _ = random_windows(gen, S, N, "empty")
+    x.ks[100:400], x.ke[100:400] = starts[100:400], starts[100:400]  # whole groups without keys
+    x.ke[S - 1] = x.ks[S - 1]                                          # the last, half group
+    got = ops.indexer_topk(*move(x, "cuda").args(), topk)
+    assert torch.all(got[100:400] == -1) and torch.all(got[S - 1] == -1)
+    assert_topk_equal(got, two_kernel(move(x, "cuda"), topk), sorted_=False)
+
+
+@gpu
+def test_fused_no_keys(gen, fused):
+    S = fused_rows()
+    x = indexer_inputs(gen, S, 1, HEADS, 128, "full")
+    x = Indexer(x.q, x.k[:0], x.k_scale[:0], x.weights, torch.zeros_like(x.ks),
+                torch.zeros_like(x.ke))
+    out = poisoned((S, 64), torch.int32, "cuda", row_pad=2)
+    ops.indexer_topk(*move(x, "cuda").args(), 64, out=out)
+    assert_padding_untouched(out)
+    assert torch.all(out == -1)
+
+
+@gpu
+def test_fused_uses_no_workspace(gen, fused):
+    S, N, topk = 4096, 65536, MAX_TOPK
+    x = move(indexer_inputs(gen, S, N, HEADS, 128, "causal"), "cuda")
+    out = torch.empty(S, topk, dtype=torch.int32, device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    ops.indexer_topk(*x.args(), topk, out=out)
+    torch.cuda.synchronize()
+    assert torch.cuda.max_memory_allocated() == before, "the fused kernel allocated memory"
+    check_sampled_rows(out, x, topk, rows=8)
