@@ -100,10 +100,12 @@ def test_cpu_fallback_writes_design_json(tmp_path, monkeypatch, capsys):
         assert shape["num_full"] == shape["pattern"].count("F")
         assert r["time_us"] > 0 and r["speedup"] > 0
         t_full, t_shared = r["indexer_us"] + r["attention_us"], r["attention_us"]
+        # Every stored number has 4 significant digits (up to 5e-4 relative off the exact value),
+        # so a value recomputed from two of them and compared with a third can be ~1.5e-3 off.
         assert r["amdahl_bound"] == pytest.approx(bench_stack.amdahl_bound(
-            4, shape["num_full"], t_full, t_shared), rel=1e-3)
+            4, shape["num_full"], t_full, t_shared), rel=2e-3)
         assert r["pct_of_bound"] == pytest.approx(100 * r["speedup"] / r["amdahl_bound"],
-                                                  rel=1e-3)
+                                                  rel=2e-3)
         # one 64-token page of (128 + 4) bytes per 64 tokens of 256, per Shared layer
         assert r["kcache_bytes_saved"] == (4 - shape["num_full"]) * 4 * 64 * 132
         if r["impl"] == "all-full":
