@@ -9,8 +9,8 @@ import zlib
 import numpy as np
 import pytest
 
-TILE, SYNC_TILES, POOL, MAX_TOPK = 256, 4, 4096, 2048
-CUT_ABOVE = POOL - SYNC_TILES * TILE
+TILE, SYNC_TILES, MAX_TOPK = 256, 4, 2048
+POOLS = {64: 2 * MAX_TOPK, 32: MAX_TOPK + SYNC_TILES * TILE}  # entries per query, by head count
 
 
 def order_key(x: np.float32) -> int:
@@ -53,8 +53,9 @@ def select_k(pool: list[int], k: int) -> tuple[list[int], int]:
     return kept, prefix
 
 
-def fused_topk(scores: np.ndarray, begin: int, end: int, k: int, lo: int) -> list[int]:
+def fused_topk(scores: np.ndarray, begin: int, end: int, k: int, lo: int, pool_size: int) -> list[int]:
     """One query of a group whose tiles start at key lo (<= begin)."""
+    cut_above = pool_size - SYNC_TILES * TILE
     pool, floor = [], 0
     tiles = -(-(end - lo) // TILE)
     for t in range(tiles):
@@ -63,8 +64,8 @@ def fused_topk(scores: np.ndarray, begin: int, end: int, k: int, lo: int) -> lis
                 c = candidate(scores[key], key)
                 if c >= floor:
                     pool.append(c)
-        assert len(pool) <= POOL, "pool overflow"
-        if (t + 1) % SYNC_TILES == 0 and t + 1 < tiles and len(pool) > CUT_ABOVE:
+        assert len(pool) <= pool_size, "pool overflow"
+        if (t + 1) % SYNC_TILES == 0 and t + 1 < tiles and len(pool) > cut_above:
             pool, new_floor = select_k(pool, k)
             floor = new_floor if new_floor is not None else floor
     pool, _ = select_k(pool, k)
@@ -101,10 +102,12 @@ def rows(kind: str, n: int, rng) -> np.ndarray:
 @pytest.mark.parametrize("kind", ["normal", "ascending", "descending", "all-equal", "few-values",
                                   "specials"])
 @pytest.mark.parametrize("k", [1, 37, 512, MAX_TOPK])
-def test_protocol_equals_brute_force(kind, k):
+@pytest.mark.parametrize("heads", [64, 32])
+def test_protocol_equals_brute_force(heads, kind, k):
     rng = np.random.default_rng(zlib.crc32(f"{kind}-{k}".encode()))
     n = 9000
     scores = rows(kind, n, rng)
     for begin, end in [(0, n), (17, 5000), (300, 300 + k), (4000, 4001), (5, 5)]:
         lo = begin - begin % 16
-        assert fused_topk(scores, begin, end, k, lo) == brute_force(scores, begin, end, k)
+        got = fused_topk(scores, begin, end, k, lo, POOLS[heads])
+        assert got == brute_force(scores, begin, end, k)

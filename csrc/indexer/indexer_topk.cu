@@ -14,9 +14,9 @@
 // - A candidate is the 64-bit (topk_order_key(score) << 32) | ~key: larger means selected first,
 //   and candidates of one query are distinct, so "the k largest candidates" is the exact
 //   top-k with ties to the smaller key, whatever order they were found in.
-// - Per query: a pool of 2 kMaxTopk candidates and a floor. A lane appends (warp-aggregated smem
+// - Per query: a pool of candidates and a floor. A lane appends (warp-aggregated smem
 //   atomics) every visible key whose candidate is >= the floor. Every kSyncTiles tiles the math
-//   warpgroups meet at one barrier (bar.red.or: did any pool pass 2 kMaxTopk - kSyncTiles * 256
+//   warpgroups meet at one barrier (bar.red.or: did any pool pass its size - kSyncTiles * 256
 //   entries?); if so, each such pool is cut to its k largest by a radix select over 8-bit digits
 //   of the candidate (most often 3-4 passes: a digit stops as soon as its bin is taken whole),
 //   and the floor becomes the selected prefix: every later key below it has k better ones
@@ -24,9 +24,10 @@
 // - Group end: the same select cuts the pool to k, a bitonic sort orders it, and the keys are
 //   written; order and set depend on the scores only, never on timing (atomics decide where an
 //   entry sits in the pool, which the sort erases).
-// - Shared memory per query: 32 KB pool + 2 x 1 KB histograms (double-buffered across digits so
-//   one barrier per digit suffices); H = 64 only (2 queries per group). H = 32 has 4 queries per
-//   group, whose pools would leave fewer than 2 key stages: the op keeps the chunked path there.
+// - Shared memory per query: a pool (H = 64: 2 kMaxTopk entries, 32 KB; H = 32, 4 queries per
+//   group: kMaxTopk + 1024, 24 KB) and 2 x 1 KB histograms (double-buffered across digits so one
+//   barrier per digit suffices). What is left holds 3 key stages at H = 64, D = 128 and 2 at
+//   H = 32, D = 128 (indexer_logits: 5).
 // - Expected cost (not yet measured): the select runs a handful of times per query over a 64K
 //   window (the pool fills more slowly as the floor rises: ~k ln(n / k) appends in all), ~3 us
 //   each, plus one ~4 us sort per group, against ~300 us of MMA per group at N = 65536.
@@ -46,15 +47,15 @@ namespace {
 
 using namespace indexer_sm90;
 
-constexpr int kSelHeads = 64;
-constexpr int kPoolEntries = 2 * kMaxTopk;
 constexpr int kDigitBits = 8;
 constexpr int kBins = 1 << kDigitBits;
 constexpr int kSyncTiles = 4;
 constexpr int kMinGroupsPerSm = 8;
 constexpr unsigned kFull = 0xFFFFFFFFu;
 
+template <int kPoolEntries_>
 struct QuerySelection {
+  static constexpr int kPoolEntries = kPoolEntries_;
   unsigned long long pool[kPoolEntries];
   uint32_t hist[2][kBins];
   unsigned long long prefix;  // resolved digits of the k-th candidate (select)
@@ -66,9 +67,14 @@ struct QuerySelection {
   uint32_t done;              // select: prefix decides every entry
 };
 
-template <int kHeadDim>
-using FusedConfig =
-    Config<kSelHeads, kHeadDim, 1, 2 * int(sizeof(QuerySelection)), 224 * 1024>;
+// Pool entries per query: room for k plus what kSyncTiles tiles can append. H = 64 (2 queries per
+// group) can afford twice k, so its pools are cut less often; H = 32 (4 queries) cannot.
+template <int kHeads>
+using Selection = QuerySelection<kHeads == 64 ? 2 * kMaxTopk : kMaxTopk + kSyncTiles * 256>;
+
+template <int kHeads, int kHeadDim>
+using FusedConfig = Config<kHeads, kHeadDim, 1, (128 / kHeads) * int(sizeof(Selection<kHeads>)),
+                           224 * 1024>;
 
 __device__ __forceinline__ unsigned long long candidate(float score, int key) {
   return (static_cast<unsigned long long>(topk_order_key(score)) << 32) |
@@ -125,10 +131,10 @@ struct Team {
 
 // Cuts every pool of the group holding more than k entries to its k largest candidates and
 // raises its floor. Called by all math threads together, with no append in flight.
-template <class C>
-__device__ void select_k(QuerySelection* sels, const Team<C>& team, uint32_t k) {
+template <class C, class Sel>
+__device__ void select_k(Sel* sels, const Team<C>& team, uint32_t k) {
   constexpr int kTeam = Team<C>::kTeam;
-  QuerySelection& s = sels[team.query];
+  Sel& s = sels[team.query];
   const uint32_t n = s.count;
   const bool active = n > k;
   if (team.rank == 0) {
@@ -235,8 +241,8 @@ __device__ void select_k(QuerySelection* sels, const Team<C>& team, uint32_t k) 
 
 // Sorts pool[0, m) of the team's query descending (m = k rounded up to a power of two; entries
 // from count on are 0, below every candidate). All math threads together.
-template <class C>
-__device__ void sort_pool(QuerySelection& s, const Team<C>& team, uint32_t n, uint32_t m) {
+template <class C, class Sel>
+__device__ void sort_pool(Sel& s, const Team<C>& team, uint32_t n, uint32_t m) {
   constexpr int kTeam = Team<C>::kTeam;
   for (uint32_t i = n + team.rank; i < m; i += kTeam) s.pool[i] = 0;
   math_sync<C>();
@@ -256,15 +262,16 @@ __device__ void sort_pool(QuerySelection& s, const Team<C>& team, uint32_t n, ui
   }
 }
 
-template <int kHeadDim>
-__global__ void __launch_bounds__(FusedConfig<kHeadDim>::kThreads, 1)
+template <int kHeads, int kHeadDim>
+__global__ void __launch_bounds__(FusedConfig<kHeads, kHeadDim>::kThreads, 1)
     indexer_topk_kernel(const IndexerTopkParams tp, const __grid_constant__ CUtensorMap tmap_q,
                         const __grid_constant__ CUtensorMap tmap_k) {
-  using C = FusedConfig<kHeadDim>;
+  using C = FusedConfig<kHeads, kHeadDim>;
+  using Sel = Selection<kHeads>;
   const IndexerLogitsParams& p = tp.scores;
   extern __shared__ uint8_t smem_raw[];
   const SmemLayout<C> smem(smem_raw);
-  auto* sels = reinterpret_cast<QuerySelection*>(smem.extra);
+  auto* sels = reinterpret_cast<Sel*>(smem.extra);
   if (threadIdx.x == 0) smem.init_barriers();
   if (threadIdx.x < C::kQueriesPerGroup) {
     sels[threadIdx.x].count = 0;
@@ -297,7 +304,7 @@ __global__ void __launch_bounds__(FusedConfig<kHeadDim>::kThreads, 1)
   }
 
   const int n_keys = static_cast<int>(p.N);
-  constexpr uint32_t kCompactAbove = kPoolEntries - kSyncTiles * C::kTileKeys;
+  constexpr uint32_t kCompactAbove = Sel::kPoolEntries - kSyncTiles * C::kTileKeys;
   static_assert(kCompactAbove >= kMaxTopk, "a cut pool must not trigger the next cut");
   unsigned long long floor[C::kQueriesPerLane];
   bool filling = false;  // this lane saw a pool pass kCompactAbove since the last sync point
@@ -322,7 +329,7 @@ __global__ void __launch_bounds__(FusedConfig<kHeadDim>::kThreads, 1)
           // Lanes of one warp serve queries 2g and 2g + 1 (lane bit 1): one append per query.
 #pragma unroll
           for (int b = 0; b < 2; ++b) {
-            QuerySelection& s = sels[2 * g + b];
+            Sel& s = sels[2 * g + b];
             const uint32_t end = warp_append(take && lp.b1 == b, c, &s.count, s.pool);
             filling |= end > kCompactAbove;
           }
@@ -339,7 +346,7 @@ __global__ void __launch_bounds__(FusedConfig<kHeadDim>::kThreads, 1)
         math_sync<C>();
         select_k<C>(sels, team, k);
         filling = false;
-        QuerySelection& s = sels[team.query];
+        Sel& s = sels[team.query];
         const uint32_t n = s.count;
         sort_pool<C>(s, team, n, sort_size);
         if (team.rank == 0) {
@@ -357,9 +364,9 @@ __global__ void __launch_bounds__(FusedConfig<kHeadDim>::kThreads, 1)
       });
 }
 
-template <int kHeadDim>
+template <int kHeads, int kHeadDim>
 cudaError_t launch(const IndexerTopkParams& tp, cudaStream_t stream) {
-  using C = FusedConfig<kHeadDim>;
+  using C = FusedConfig<kHeads, kHeadDim>;
   const IndexerLogitsParams& p = tp.scores;
   CUtensorMap tmap_q, tmap_k;
   cudaError_t e = encode_ragged_maps<C>(p, &tmap_q, &tmap_k);
@@ -369,7 +376,7 @@ cudaError_t launch(const IndexerTopkParams& tp, cudaStream_t stream) {
   if (e != cudaSuccess) return e;
   const int64_t groups = ceil_div<int64_t>(p.S, C::kQueriesPerGroup);
   const int grid = static_cast<int>(cmax<int64_t>(1, cmin<int64_t>(sms, groups)));
-  auto kernel = indexer_topk_kernel<kHeadDim>;
+  auto kernel = indexer_topk_kernel<kHeads, kHeadDim>;
   e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, C::kSmemBytes);
   if (e != cudaSuccess) return e;
   kernel<<<grid, C::kThreads, C::kSmemBytes, stream>>>(tp, tmap_q, tmap_k);
@@ -382,8 +389,8 @@ namespace cuda {
 
 bool indexer_topk_fused_applies(const IndexerTopkParams& p) {
   int sms = 0;
-  if (p.scores.H != kSelHeads || current_device_sms(&sms) != cudaSuccess) return false;
-  const int64_t groups = ceil_div<int64_t>(p.scores.S, FusedConfig<128>::kQueriesPerGroup);
+  if (current_device_sms(&sms) != cudaSuccess) return false;
+  const int64_t groups = ceil_div<int64_t>(p.scores.S, 128 / p.scores.H);
   return groups >= int64_t{kMinGroupsPerSm} * sms;
 }
 
@@ -393,10 +400,9 @@ cudaError_t indexer_topk(const IndexerTopkParams& p, cudaStream_t stream) {
     return cudaMemset2DAsync(p.out, size_t(p.out_row_stride) * sizeof(int32_t), 0xFF,
                              size_t(p.k) * sizeof(int32_t), size_t(p.scores.S), stream);
   }
-  if (p.scores.H != kSelHeads) return cudaErrorInvalidValue;
-  if (p.scores.D == 128) return launch<128>(p, stream);
-  if (p.scores.D == 64) return launch<64>(p, stream);
-  return cudaErrorInvalidValue;
+  return indexer_sm90::dispatch_heads_and_dim(p.scores.H, p.scores.D, [&](auto heads, auto dim) {
+    return launch<decltype(heads)::value, decltype(dim)::value>(p, stream);
+  });
 }
 
 }  // namespace cuda
