@@ -306,18 +306,18 @@ __global__ void __launch_bounds__(FusedConfig<kHeads, kHeadDim>::kThreads, 1)
   const int n_keys = static_cast<int>(p.N);
   constexpr uint32_t kCompactAbove = Sel::kPoolEntries - kSyncTiles * C::kTileKeys;
   static_assert(kCompactAbove >= kMaxTopk, "a cut pool must not trigger the next cut");
-  unsigned long long floor[C::kQueriesPerLane];
+  unsigned long long pool_floor[C::kQueriesPerLane];
   bool filling = false;  // this lane saw a pool pass kCompactAbove since the last sync point
   auto reload_floors = [&] {
 #pragma unroll
-    for (int g = 0; g < C::kQueriesPerLane; ++g) floor[g] = sels[2 * g + lp.b1].floor;
+    for (int g = 0; g < C::kQueriesPerLane; ++g) pool_floor[g] = sels[2 * g + lp.b1].floor;
   };
 
   float acc[C::kAccum];
   consume_ragged<C>(
       p, range, smem, lp, acc, [&](const LaneGroup<C>&) {
 #pragma unroll
-        for (int g = 0; g < C::kQueriesPerLane; ++g) floor[g] = 0;
+        for (int g = 0; g < C::kQueriesPerLane; ++g) pool_floor[g] = 0;
       },
       [&](const LaneGroup<C>& lg, int t, int key, const float (&score)[C::kQueriesPerLane]) {
 #pragma unroll
@@ -325,7 +325,7 @@ __global__ void __launch_bounds__(FusedConfig<kHeads, kHeadDim>::kThreads, 1)
           const bool visible = lg.query[g] >= 0 && key < n_keys && key >= lg.win[g].begin &&
                                key < lg.win[g].end;
           const unsigned long long c = candidate(score[g], key);
-          const bool take = visible && c >= floor[g];
+          const bool take = visible && c >= pool_floor[g];
           // Lanes of one warp serve queries 2g and 2g + 1 (lane bit 1): one append per query.
 #pragma unroll
           for (int b = 0; b < 2; ++b) {
