@@ -87,21 +87,9 @@ __global__ void __launch_bounds__(Config<kHeads, kHeadDim, 1>::kThreads, 1)
 template <int kHeads, int kHeadDim>
 cudaError_t launch(const IndexerLogitsParams& p, cudaStream_t stream) {
   using C = Config<kHeads, kHeadDim, 1>;
-  CUtensorMap tmap_q, tmap_k;
-  cudaError_t e = encode_ragged_maps<C>(p, &tmap_q, &tmap_k);
-  if (e != cudaSuccess) return e;
-  int sms = 0;
-  e = current_device_sms(&sms);
-  if (e != cudaSuccess) return e;
   const int64_t groups = ceil_div<int64_t>(p.S, C::kQueriesPerGroup);
   const int64_t max_tiles = groups * ceil_div<int64_t>(p.N, C::kTileKeys);
-  const int grid = static_cast<int>(cmax<int64_t>(1, cmin<int64_t>(sms, max_tiles)));
-
-  auto kernel = indexer_logits_kernel<kHeads, kHeadDim>;
-  e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, C::kSmemBytes);
-  if (e != cudaSuccess) return e;
-  kernel<<<grid, C::kThreads, C::kSmemBytes, stream>>>(p, tmap_q, tmap_k);
-  return cudaGetLastError();
+  return launch_ragged<C>(indexer_logits_kernel<kHeads, kHeadDim>, p, p, max_tiles, stream);
 }
 
 }  // namespace

@@ -220,5 +220,23 @@ inline cudaError_t encode_ragged_maps(const IndexerLogitsParams& p, CUtensorMap*
   return encode_rows_map(tmap_k, p.k, 2, dims, strides, box, C::kHeadDim);
 }
 
+// Launches `kernel(params, tmap_q, tmap_k)` on a persistent grid of min(SMs, max_ctas) CTAs of
+// C's size and shared memory.
+template <class C, class Kernel, class Params>
+inline cudaError_t launch_ragged(Kernel kernel, const Params& params, const IndexerLogitsParams& p,
+                                 int64_t max_ctas, cudaStream_t stream) {
+  CUtensorMap tmap_q, tmap_k;
+  cudaError_t e = encode_ragged_maps<C>(p, &tmap_q, &tmap_k);
+  if (e != cudaSuccess) return e;
+  int sms = 0;
+  e = current_device_sms(&sms);
+  if (e != cudaSuccess) return e;
+  const int grid = static_cast<int>(cmax<int64_t>(1, cmin<int64_t>(sms, max_ctas)));
+  e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, C::kSmemBytes);
+  if (e != cudaSuccess) return e;
+  kernel<<<grid, C::kThreads, C::kSmemBytes, stream>>>(params, tmap_q, tmap_k);
+  return cudaGetLastError();
+}
+
 }  // namespace indexer_sm90
 }  // namespace indexcache

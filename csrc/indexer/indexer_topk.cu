@@ -368,19 +368,8 @@ template <int kHeads, int kHeadDim>
 cudaError_t launch(const IndexerTopkParams& tp, cudaStream_t stream) {
   using C = FusedConfig<kHeads, kHeadDim>;
   const IndexerLogitsParams& p = tp.scores;
-  CUtensorMap tmap_q, tmap_k;
-  cudaError_t e = encode_ragged_maps<C>(p, &tmap_q, &tmap_k);
-  if (e != cudaSuccess) return e;
-  int sms = 0;
-  e = current_device_sms(&sms);
-  if (e != cudaSuccess) return e;
   const int64_t groups = ceil_div<int64_t>(p.S, C::kQueriesPerGroup);
-  const int grid = static_cast<int>(cmax<int64_t>(1, cmin<int64_t>(sms, groups)));
-  auto kernel = indexer_topk_kernel<kHeads, kHeadDim>;
-  e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, C::kSmemBytes);
-  if (e != cudaSuccess) return e;
-  kernel<<<grid, C::kThreads, C::kSmemBytes, stream>>>(tp, tmap_q, tmap_k);
-  return cudaGetLastError();
+  return launch_ragged<C>(indexer_topk_kernel<kHeads, kHeadDim>, tp, p, groups, stream);
 }
 
 }  // namespace
