@@ -136,3 +136,30 @@ def test_distillation_trains_only_the_full_indexers():
     changed = {k for k, v in student.state_dict().items() if not torch.equal(v, before[k])}
     full_indexers = ("blocks.0.indexer.", "blocks.2.indexer.")
     assert changed and all(k.startswith(full_indexers) for k in changed)
+
+
+def test_trajectory_summary_by_hand():
+    from examples.tiny_dsa import trajectory
+    # 8 layers, baseline 2.0: single flips cost 1 %, 2 %, ... of it; greedy flips 3, 1, 5, ...
+    single = {str(layer): 2.0 * (1 + layer / 100) for layer in range(1, 8)}
+    losses = [2.001, 2.003, 2.01, 2.05, 2.1, 2.2, 2.4]
+    steps = [{"step": 0, "flipped": 3, "loss": losses[0], "candidates": single}]
+    steps += [{"step": i, "flipped": f, "loss": losses[i], "candidates": {}}
+              for i, f in enumerate([1, 5, 2, 7, 4, 6], start=1)]
+    doc = {"config": {"model": {"n_layers": 8}},
+           "search": {"baseline_loss": 2.0, "steps": steps}}
+    s = trajectory.summarise(doc)
+    assert s["free_flips"] == 2                         # +0.05 %, +0.15 %, then +0.5 %
+    half = s["retentions"]["1/2"]                       # 4 flips: layers 3, 1, 5, 2
+    assert half["flips"] == 4 and math.isclose(half["measured_pct"], 2.5)
+    assert math.isclose(half["sum_of_single_flips_pct"], 3 + 1 + 5 + 2)
+    assert s["retentions"]["1/8"]["flips"] == 7 and math.isclose(
+        s["retentions"]["1/8"]["measured_pct"], 20.0)
+
+
+def test_trajectory_reads_committed_runs(capsys):
+    from examples.tiny_dsa import trajectory
+    runs = sorted((ROOT / "bench" / "results").glob("tiny_dsa*/results.json"))
+    assert runs, "the committed tiny DSA runs are gone"
+    assert trajectory.main([str(p) for p in runs]) == 0
+    assert capsys.readouterr().out.count("1/4: 12 flips") == len(runs)
