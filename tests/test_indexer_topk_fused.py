@@ -144,3 +144,25 @@ def test_fused_uses_no_workspace(gen, fused):
     torch.cuda.synchronize()
     assert torch.cuda.max_memory_allocated() == before, "the fused kernel allocated memory"
     check_sampled_rows(out, x, topk, rows=8)
+
+
+@gpu
+def test_fused_cuda_graph_replays_new_inputs_and_windows(gen, fused):
+    # A serving engine captures the op once and replays it after writing the next step's queries,
+    # weights and windows in place: no host metadata, no allocation, nothing baked in.
+    S, N, topk = fused_rows(), 6000, 512
+    x = move(indexer_inputs(gen, S, N, HEADS, 128, "random"), "cuda")
+    out = torch.full((S, topk), -7, dtype=torch.int32, device="cuda")
+    ops.indexer_topk(*x.args(), topk, out=out)  # warm-up outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        ops.indexer_topk(*x.args(), topk, out=out)
+    for windows in ("causal", "random", "full"):
+        fresh = indexer_inputs(gen, S, N, HEADS, 128, windows)
+        for name in ("q", "k", "k_scale", "weights", "ks", "ke"):
+            getattr(x, name).copy_(getattr(fresh, name))
+        out.fill_(-7)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert_topk_equal(out, two_kernel(x, topk), sorted_=True)
