@@ -6,7 +6,10 @@
 #   INDEXCACHE_COMMIT=<sha>[-dirty] BENCH=headline bash bench/device_run.sh
 #
 # Stages, chosen by environment variables so that one call does only what is needed:
-#   BUILD=1|0                  build the extension in place (default 1; a warm machine keeps build/)
+#   BUILD=1|0|auto             build the extension in place (default 1; a warm machine keeps build/);
+#                              auto: use a carried indexcache_ops/_C*.so (built here from a clean
+#                              tree: same torch, nvcc and sm_90a) when it imports and its git sha
+#                              is INDEXCACHE_COMMIT's (never for a -dirty commit), else build
 #   TESTS=gpu|all|none         pytest -m gpu, the whole suite, or nothing (default gpu)
 #   TEST_ARGS="..."            extra pytest words, e.g. "-k topk -x"
 #   SANITIZE=0|1               compute-sanitizer over the GPU tests (default 0)
@@ -124,6 +127,17 @@ if compgen -G ".whl/*.whl" >/dev/null; then
   stage wheels build.log "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
     --upgrade --target /tmp/site .whl/*.whl || exit 1
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+
+if [ "$BUILD" = auto ]; then
+  BUILD=1
+  commit=${INDEXCACHE_COMMIT:-}
+  if [ -n "$commit" ] && [ "${commit%-dirty}" = "$commit" ] && compgen -G "indexcache_ops/_C*.so" >/dev/null &&
+    "$PY" -c "import sys, indexcache_ops as m; sha = m.build_info()['git_sha']; print('carried extension:', sha); sys.exit(0 if sha.startswith('$commit') or '$commit'.startswith(sha) else 1)" \
+      >>"$OUT/build.log" 2>&1; then
+    BUILD=0
+    stages+=("$(printf '%-10s %-7s %5ds  %-13s %s' carried ok 0 build.log "commit $commit, not rebuilt")")
+  fi
 fi
 
 if [ "$BUILD" = 1 ]; then
