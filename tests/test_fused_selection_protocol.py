@@ -1,8 +1,9 @@
 """The selection protocol of the fused indexer_topk kernel (csrc/indexer/indexer_topk.cu), replayed
 step for step in Python and checked against a brute-force top-k: candidate encoding, pool floor,
-the cut trigger at sync points, the radix select over 8-bit digits with its early stop, and the
-final order. It checks the algorithm (that no reachable state overflows a pool or loses a key),
-not the CUDA code, which tests/test_indexer_topk_fused.py checks on the GPU."""
+the cut trigger at sync points, the radix select over 8-bit digits with its early stop, the
+final order, and the whole-group schedule. It checks the algorithm (no reachable state overflows
+a pool or loses a key; every query group is scored by exactly one CTA), not the CUDA code, which
+tests/test_indexer_topk_fused.py checks on the GPU."""
 
 import zlib
 
@@ -111,3 +112,43 @@ def test_protocol_equals_brute_force(heads, kind, k):
         lo = begin - begin % 16
         got = fused_topk(scores, begin, end, k, lo, POOLS[heads])
         assert got == brute_force(scores, begin, end, k)
+
+
+def whole_item_ranges(tiles: list[int], ctas: int) -> list[tuple[int, int]]:
+    """indexer_sm90.cuh balanced_range<kWholeItems = true>: CTA b takes the items whose first tile
+    lies in [total b / G, total (b + 1) / G): (first item, tile count) per CTA."""
+    starts = np.concatenate([[0], np.cumsum(tiles)[:-1]]).tolist()
+    total = sum(tiles)
+    ranges = []
+    for b in range(ctas):
+        t0, t1 = total * b // ctas, total * (b + 1) // ctas
+        n0 = sum(1 for s in starts if s < t0)
+        a0 = sum(n for s, n in zip(starts, tiles) if s < t0)
+        a1 = sum(n for s, n in zip(starts, tiles) if s < t1)
+        ranges.append((n0, a1 - a0))
+    return ranges
+
+
+def walk(tiles: list[int], item: int, count: int) -> list[int]:
+    """consume_ragged's walk from `item`: the items it scores (non-empty ones) until count tiles."""
+    taken = []
+    while count > 0:
+        if tiles[item] > 0:
+            taken.append(item)
+            count -= tiles[item]
+            assert count >= 0, "a range must end on an item boundary"
+        item += 1
+    return taken
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_whole_item_schedule_covers_every_group_once(seed):
+    rng = np.random.default_rng(seed)
+    items, ctas = int(rng.integers(1, 400)), int(rng.integers(1, 140))
+    tiles = rng.integers(0, 20, items) * (rng.random(items) < 0.8)  # some groups have no keys
+    tiles = tiles.tolist()
+    ranges = whole_item_ranges(tiles, ctas)
+    owned = [i for item, count in ranges for i in walk(tiles, item, count)]
+    assert sorted(owned) == [i for i, n in enumerate(tiles) if n > 0]
+    fair = sum(tiles) / ctas
+    assert all(count <= fair + max(tiles) + 1 for _, count in ranges)

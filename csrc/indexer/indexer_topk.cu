@@ -17,10 +17,11 @@
 // - Per query: a pool of candidates and a floor. A lane appends (warp-aggregated smem
 //   atomics) every visible key whose candidate is >= the floor. Every kSyncTiles tiles the math
 //   warpgroups meet at one barrier (bar.red.or: did any pool pass its size - kSyncTiles * 256
-//   entries?); if so, each such pool is cut to its k largest by a radix select over 8-bit digits
-//   of the candidate (most often 3-4 passes: a digit stops as soon as its bin is taken whole),
-//   and the floor becomes the selected prefix: every later key below it has k better ones
-//   already. A pool therefore never overflows and never drops a key that could be selected.
+//   entries?); if so, every pool above k entries is cut to its k largest by a radix select over
+//   8-bit digits of the candidate (most often 3-4 passes: a digit stops as soon as its bin is
+//   taken whole), and the floor becomes the selected prefix: every later key below it has k
+//   better ones already. A pool therefore never overflows and never drops a key that could be
+//   selected.
 // - Group end: the same select cuts the pool to k, a bitonic sort orders it, and the keys are
 //   written; order and set depend on the scores only, never on timing (atomics decide where an
 //   entry sits in the pool, which the sort erases).
