@@ -98,7 +98,7 @@ def _torch_topk_into(out: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
 
 def _fused_requested(fn):
     """fn with the fused indexer_topk kernel switched on (INDEXCACHE_INDEXER_TOPK=fused; the op
-    still takes the chunked path where the kernel does not apply: fewer than 8 query groups per SM)."""
+    still takes the chunked path where the kernel does not apply: < 8 query groups per SM)."""
     def run(x):
         old = os.environ.get("INDEXCACHE_INDEXER_TOPK")
         os.environ["INDEXCACHE_INDEXER_TOPK"] = "fused"
