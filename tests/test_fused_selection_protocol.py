@@ -54,7 +54,8 @@ def select_k(pool: list[int], k: int) -> tuple[list[int], int]:
     return kept, prefix
 
 
-def fused_topk(scores: np.ndarray, begin: int, end: int, k: int, lo: int, pool_size: int) -> list[int]:
+def fused_topk(scores: np.ndarray, begin: int, end: int, k: int, lo: int,
+               pool_size: int) -> list[int]:
     """One query of a group whose tiles start at key lo (<= begin)."""
     cut_above = pool_size - SYNC_TILES * TILE
     pool, floor = [], 0

@@ -300,7 +300,8 @@ __global__ void __launch_bounds__(FusedConfig<kHeads, kHeadDim>::kThreads, 1)
     for (int q = 0; q < C::kQueriesPerGroup; ++q) {
       const int64_t t = int64_t(group) * C::kQueriesPerGroup + q;
       if (t >= p.S) break;
-      for (uint32_t i = threadIdx.x; i < k; i += C::kMathThreads) tp.out[t * tp.out_row_stride + i] = -1;
+      int32_t* row = tp.out + t * tp.out_row_stride;
+      for (uint32_t i = threadIdx.x; i < k; i += C::kMathThreads) row[i] = -1;
     }
   }
 

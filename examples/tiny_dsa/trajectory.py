@@ -49,8 +49,8 @@ def main(argv: list[str] | None = None) -> int:
               + " ".join(f"{t['flipped']}:{t['delta_pct']:+.2f}%" for t in s["trajectory"]))
         print(f"  flips within {FREE_PCT} %: {s['free_flips']} of {len(s['trajectory'])}")
         for name, r in s["retentions"].items():
-            print(f"  {name}: {r['flips']} flips, measured {r['measured_pct']:+.2f} %, "
-                  f"sum of the same layers' single-flip costs {r['sum_of_single_flips_pct']:+.2f} %")
+            print(f"  {name}: {r['flips']} flips, measured {r['measured_pct']:+.2f} %, sum of the "
+                  f"same layers' single-flip costs {r['sum_of_single_flips_pct']:+.2f} %")
     return 0
 
 
