@@ -9,6 +9,8 @@ import zlib
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 TILE, SYNC_TILES, MAX_TOPK = 256, 4, 2048
 POOLS = {64: 2 * MAX_TOPK, 32: MAX_TOPK + SYNC_TILES * TILE}  # entries per query, by head count
@@ -153,3 +155,17 @@ def test_whole_item_schedule_covers_every_group_once(seed):
     assert sorted(owned) == [i for i, n in enumerate(tiles) if n > 0]
     fair = sum(tiles) / ctas
     assert all(count <= fair + max(tiles) + 1 for _, count in ranges)
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(1, 6000), k=st.integers(1, MAX_TOPK), heads=st.sampled_from([64, 32]),
+       levels=st.integers(1, 50), window=st.tuples(st.floats(0, 1), st.floats(0, 1)),
+       seed=st.integers(0, 2**32 - 1))
+def test_protocol_fuzz(n, k, heads, levels, window, seed):
+    # Few distinct values (levels) make long runs of ties that only the key bits separate.
+    rng = np.random.default_rng(seed)
+    scores = rng.integers(0, levels, n).astype(np.float32) * np.float32(0.37)
+    begin, end = sorted(int(f * n) for f in window)
+    lo = begin - begin % 16
+    got = fused_topk(scores, begin, end, k, lo, POOLS[heads])
+    assert got == brute_force(scores, begin, end, k)
