@@ -9,8 +9,8 @@
 //   stores) on, cut into 256-key tiles. Tiles wholly outside the union are never loaded.
 // - Producer warp: Q group (16 KB) into a 2-deep ring, key tiles (32 KB) into a kKVStages-deep
 //   ring, by TMA; out-of-range rows (last keys, last queries) arrive as zeros. Math warpgroup w
-//   multiplies keys [64 w, 64 w + 64) of each tile and folds relu * weight over heads in
-//   registers (score_tile); the caller scales by k_scale and consumes the scores.
+//   multiplies keys [64 w, 64 w + 64) of each tile, folds relu * weight over heads in registers
+//   and scales by k_scale (consume_ragged); the caller's on_tile consumes the scores.
 // - Windows are clamped to [0, N]; end <= start is empty.
 #pragma once
 
@@ -120,8 +120,8 @@ __device__ __forceinline__ void produce_ragged(const IndexerLogitsParams& p, con
   }
 }
 
-// One query group as a math lane sees it: its queries 2g + b1 (-1 past S), their windows, and the
-// head weights of its accumulator columns.
+// One query group as a math lane sees it: the group, its key tiles, and the lane's queries
+// 2g + b1 (-1 past S) with their windows.
 template <class C>
 struct LaneGroup {
   int64_t group;

@@ -310,10 +310,6 @@ __global__ void __launch_bounds__(FusedConfig<kHeads, kHeadDim>::kThreads, 1)
   static_assert(kCompactAbove >= kMaxTopk, "a cut pool must not trigger the next cut");
   unsigned long long pool_floor[C::kQueriesPerLane];
   bool filling = false;  // this lane saw a pool pass kCompactAbove since the last sync point
-  auto reload_floors = [&] {
-#pragma unroll
-    for (int g = 0; g < C::kQueriesPerLane; ++g) pool_floor[g] = sels[2 * g + lp.b1].floor;
-  };
 
   float acc[C::kAccum];
   consume_ragged<C>(
@@ -339,7 +335,8 @@ __global__ void __launch_bounds__(FusedConfig<kHeads, kHeadDim>::kThreads, 1)
         if ((t + 1) % kSyncTiles == 0 && t + 1 < lg.keys.tiles) {
           if (math_sync_any<C>(filling)) {
             select_k<C>(sels, team, k);
-            reload_floors();
+#pragma unroll
+            for (int g = 0; g < C::kQueriesPerLane; ++g) pool_floor[g] = sels[2 * g + lp.b1].floor;
           }
           filling = false;
         }
