@@ -146,8 +146,10 @@ def test_trajectory_summary_by_hand():
     steps = [{"step": 0, "flipped": 3, "loss": losses[0], "candidates": single}]
     steps += [{"step": i, "flipped": f, "loss": losses[i], "candidates": {}}
               for i, f in enumerate([1, 5, 2, 7, 4, 6], start=1)]
+    searched = [{"name": "searched", "retention": f"1/{r}", "num_full": 8 // r} for r in (2, 4, 8)]
     doc = {"config": {"model": {"n_layers": 8}},
-           "search": {"baseline_loss": 2.0, "steps": steps}}
+           "search": {"baseline_loss": 2.0, "steps": steps},
+           "heldout": {"rows": [{"name": "uniform", "retention": "1/2", "num_full": 4}] + searched}}
     s = trajectory.summarise(doc)
     assert s["free_flips"] == 2                         # +0.05 %, +0.15 %, then +0.5 %
     half = s["retentions"]["1/2"]                       # 4 flips: layers 3, 1, 5, 2

@@ -25,7 +25,9 @@ def summarise(results: dict) -> dict:
     free = next((i for i, s in enumerate(trajectory) if s["delta_pct"] > FREE_PCT),
                 len(trajectory))
     retentions = {}
-    for name, num_full in (("1/2", layers // 2), ("1/4", layers // 4), ("1/8", layers // 8)):
+    # The searched patterns train.py evaluated (retention name, Full layers kept) are in the run.
+    searched = [r for r in results["heldout"]["rows"] if r["name"] == "searched"]
+    for name, num_full in ((r["retention"], r["num_full"]) for r in searched):
         flips = layers - num_full
         if 0 < flips <= len(trajectory):
             retentions[name] = {
