@@ -263,7 +263,7 @@ def _rows_as_sorted_lists(t: torch.Tensor):
 
 def assert_topk_equal(got: torch.Tensor, want: torch.Tensor, sorted_: bool) -> None:
     """Exact top-k: same order when sorted_, else the same multiset per row (including -1s)."""
-    got = got.detach().cpu()
+    got, want = got.detach().cpu(), want.detach().cpu()
     assert got.dtype == torch.int32 and got.shape == want.shape, (got.dtype, got.shape, want.shape)
     if sorted_:
         bad = (got != want).any(dim=1).nonzero().flatten().tolist()
