@@ -288,8 +288,10 @@ def assert_topk_near(got: torch.Tensor, scores: torch.Tensor, magnitude: torch.T
     Rows with at most k visible keys must select exactly all of them. Otherwise every selected key
     must be visible, unique, and score at least the reference k-th score minus
     ``TOPK_SCORE_REL_TOL[device] * max |term sum|`` of the row, where ``magnitude`` holds
-    ``s_k * sum_h |w| relu(q.k)``: near-ties may flip but nothing clearly below the k-th may enter.
-    Over all rows, at least ``min_recall`` of the reference set must be found.
+    ``s_k * sum_h |w| relu(q.k)``: near-ties may flip but nothing clearly below the k-th may enter,
+    and nothing clearly above it (by the same tolerance) may be missed. Over all rows, at least
+    ``min_recall`` of the reference set must be found once the rows hold enough selections for
+    that fraction to allow one near-tie flip (k = 1 over 24 rows: a single flip is 4 %).
     """
     rel_tol = TOPK_SCORE_REL_TOL[got.device.type]
     got = got.detach().cpu().tolist()
@@ -311,9 +313,14 @@ def assert_topk_near(got: torch.Tensor, scores: torch.Tensor, magnitude: torch.T
         tol = rel_tol * magnitude[r, s:e].max()
         worst = scores[r, sel].min()
         assert worst >= kth - tol, f"row {r}: selected score {worst} < k-th {kth} - {tol}"
+        missed = sorted(want - set(sel))
+        if missed:
+            best_missed = scores[r, missed].max()
+            assert best_missed <= kth + tol, f"row {r}: missed score {best_missed} > k-th {kth} + {tol}"
         found += len(want & set(sel))
         total += k
-    assert found >= min_recall * total, f"recall {found / max(total, 1)}"
+    if total * (1.0 - min_recall) >= 1.0:
+        assert found >= min_recall * total, f"recall {found / total}"
 
 
 def check_attention(out, lse, want_out, want_lse, out_tol: float = 2e-2, lse_tol: float = 1e-3):

@@ -159,19 +159,28 @@ __device__ void select_k(Sel* sels, const Team<C>& team, uint32_t k) {
     for (int i = team.rank; i < kBins; i += kTeam) s.hist[(pass + 1) & 1][i] = 0;
     if (counting) {
       const unsigned long long mask = s.mask, prefix = s.prefix;
-      for (uint32_t i0 = 0; i0 < n; i0 += kTeam) {
-        const uint32_t i = i0 + team.rank;
-        bool match = false;
-        uint32_t bin = kBins;
-        if (i < n) {
-          const unsigned long long c = s.pool[i];
-          match = (c & mask) == prefix;
-          bin = uint32_t(c >> shift) & (kBins - 1);
+      // kCountBatch entries per thread per round, loads and matches first: a match's latency
+      // (the loop's critical path, ncu) then overlaps the others'.
+      constexpr int kCountBatch = 4;
+      for (uint32_t i0 = 0; i0 < n; i0 += kCountBatch * kTeam) {
+        uint32_t bin[kCountBatch], peers[kCountBatch];
+#pragma unroll
+        for (int j = 0; j < kCountBatch; ++j) {
+          const uint32_t i = i0 + j * kTeam + team.rank;
+          bin[j] = kBins;  // no entry, or not under the prefix
+          if (i < n) {
+            const unsigned long long c = s.pool[i];
+            if ((c & mask) == prefix) bin[j] = uint32_t(c >> shift) & (kBins - 1);
+          }
         }
         // Candidates crowd few bins in the top digits: one atomic per distinct bin per warp.
-        const uint32_t peers = __match_any_sync(kFull, match ? bin : uint32_t(kBins));
-        if (match && __ffs(peers) - 1 == lane_id()) {
-          atomicAdd(&hist[bin], uint32_t(__popc(peers)));
+#pragma unroll
+        for (int j = 0; j < kCountBatch; ++j) peers[j] = __match_any_sync(kFull, bin[j]);
+#pragma unroll
+        for (int j = 0; j < kCountBatch; ++j) {
+          if (bin[j] < kBins && __ffs(peers[j]) - 1 == lane_id()) {
+            atomicAdd(&hist[bin[j]], uint32_t(__popc(peers[j])));
+          }
         }
       }
     }
@@ -188,6 +197,7 @@ __device__ void select_k(Sel* sels, const Team<C>& team, uint32_t k) {
       }
       const uint32_t incl = warp_inclusive_sum(total);
       const uint32_t k_rem = s.k_rem;
+      __syncwarp();  // every lane has read k_rem before the finding lane rewrites it (racecheck)
       if (incl - total < k_rem && k_rem <= incl) {
         uint32_t above = incl - total;
 #pragma unroll
