@@ -16,8 +16,8 @@
 // - No producer warps: the KV gather is cp.async (16 B; masked rows are zero-filled with
 //   st.shared) issued by all 256 threads right after they issue the asynchronous S wgmma, and
 //   double-buffered (Q 72 KB + 2 KV tiles 144 KB + P 8 KB = the whole 227 KB of smem). FP8 rows
-//   (656 B) are loaded into registers one tile ahead and dequantised to bf16 into the other
-//   buffer while the P V wgmma runs.
+//   (656 B) pass through registers half a tile at a time and are dequantised to bf16 into the
+//   other buffer while the S and the P V wgmmas run (Fp8Half).
 // - The KV tile is stored once, row-major [key][576] in 128-byte-swizzled 8x64 atoms; the same
 //   bytes are the K-major B operand of Q K^T and the MN-major B operand of P V (V^T view), so
 //   nothing is transposed. Shapes and fragment layouts are CuTe's (checked against the manual
@@ -268,45 +268,45 @@ __device__ __forceinline__ void gather_bf16_tile(uint32_t dst, const uint8_t* sr
   }
 }
 
-// FP8 rows staged in registers from the end of one tile's P V (right after the previous stage
-// was stored) to the P V of the next tile, so a whole S wgmma + softmax hides their latency.
-// Thread (warp w, lane l) holds latent chunk l (16 e4m3, scale block b = l / 8) of rows w + 8 i,
-// rope chunks (tid + 256 i) % 8 of rows (tid + 256 i) / 8, and one scale: that of block b of row
-// w + 8 (l % 8), which the 8 lanes of its group exchange by shuffles at store time (1 register
-// instead of 8).
-struct Fp8Stage {
-  uint4 lat[8];
-  uint4 rope[2];
+// FP8 rows pass through registers half a tile (rows 32 h .. 32 h + 31) at a time: half 0 of
+// tile i + 1 is loaded during tile i - 1's P V and stored during tile i's S, half 1 loaded during
+// tile i's S and stored during its P V (Fp8Pipe below), so a half's latency hides behind a GEMM
+// and the softmax or the loop barrier while only 21 registers ride beside the 128 accumulators
+// (a whole tile staged took 41 and spilled). Thread (warp w, lane l) holds latent chunk l (16
+// e4m3, scale block l / 8) of rows 32 h + w + 8 i (i < 4), rope chunk tid % 8 of row
+// 32 h + tid / 8, and one scale: that of block l / 8 of row 32 h + w + 8 (l % 4), which the
+// lanes of its 8-lane group exchange by shuffles at store time.
+struct Fp8Half {
+  uint4 lat[4];
+  uint4 rope;
   float scale;
 };
 
-__device__ __forceinline__ void load_fp8_tile(Fp8Stage& st, const uint8_t* kv, const int64_t* rows,
-                                              int tid) {
-  const int warp = tid / 32, lane = tid % 32;
+__device__ __forceinline__ void load_fp8_half(Fp8Half& st, const uint8_t* kv, const int64_t* rows,
+                                              int half, int tid) {
+  const int warp = tid / 32, lane = tid % 32, base = 32 * half;
 #pragma unroll
-  for (int i = 0; i < 8; ++i) {
-    const int64_t row = rows[warp + 8 * i];
+  for (int i = 0; i < 4; ++i) {
+    const int64_t row = rows[base + warp + 8 * i];
     st.lat[i] =
         row >= 0 ? ld_nc_v4(kv + row * kMlaFp8RowBytes + 16 * lane) : make_uint4(0, 0, 0, 0);
   }
-#pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    const int e = tid + kThreads * i;
-    const int64_t row = rows[e / 8];
-    st.rope[i] = row >= 0 ? ld_nc_v4(kv + row * kMlaFp8RowBytes + kFp8RopeOffset + 16 * (e % 8))
-                          : make_uint4(0, 0, 0, 0);
+  {
+    const int64_t row = rows[base + tid / 8];
+    st.rope = row >= 0 ? ld_nc_v4(kv + row * kMlaFp8RowBytes + kFp8RopeOffset + 16 * (tid % 8))
+                       : make_uint4(0, 0, 0, 0);
   }
-  const int64_t row = rows[warp + 8 * (lane % 8)];
+  const int64_t row = rows[base + warp + 8 * (lane % 4)];
   st.scale = row >= 0 ? ld_nc_f32(kv + row * kMlaFp8RowBytes + kFp8ScalesOffset + 4 * (lane / 8))
                       : 0.0f;
 }
 
 // Called by all 32 lanes of every warp (shuffles).
-__device__ __forceinline__ void store_fp8_tile(const Fp8Stage& st, uint32_t dst, int tid) {
-  const int warp = tid / 32, lane = tid % 32;
+__device__ __forceinline__ void store_fp8_half(const Fp8Half& st, uint32_t dst, int half, int tid) {
+  const int warp = tid / 32, lane = tid % 32, base = 32 * half;
 #pragma unroll
-  for (int i = 0; i < 8; ++i) {
-    const int r = warp + 8 * i;
+  for (int i = 0; i < 4; ++i) {
+    const int r = base + warp + 8 * i;
     const float scale = __shfl_sync(0xFFFFFFFFu, st.scale, (lane & ~7) | i);
     const uint2 a = dequant4(st.lat[i].x, scale);
     const uint2 b = dequant4(st.lat[i].y, scale);
@@ -315,11 +315,7 @@ __device__ __forceinline__ void store_fp8_tile(const Fp8Stage& st, uint32_t dst,
     st_shared_v4(dst + 2 * tile_chunk_offset(r, 2 * lane), make_uint4(a.x, a.y, b.x, b.y));
     st_shared_v4(dst + 2 * tile_chunk_offset(r, 2 * lane + 1), make_uint4(c.x, c.y, d.x, d.y));
   }
-#pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    const int e = tid + kThreads * i;
-    st_shared_v4(dst + 2 * tile_chunk_offset(e / 8, kMlaDimLatent / 8 + e % 8), st.rope[i]);
-  }
+  st_shared_v4(dst + 2 * tile_chunk_offset(base + tid / 8, kMlaDimLatent / 8 + tid % 8), st.rope);
 }
 
 // ---- the kernel ----------------------------------------------------------------------------
@@ -384,11 +380,14 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
   }
   __syncthreads();  // meta of tiles 0, 1
-  Fp8Stage st;  // FP8: the next tile to dequantise, loaded one tile ahead
+  Fp8Half st;  // FP8: the half tile in flight (see Fp8Half)
   if constexpr (kFp8) {
-    load_fp8_tile(st, p.kv, ss.meta[0], tid);
-    store_fp8_tile(st, smem_kv0, tid);
-    if (1 < n_tiles) load_fp8_tile(st, p.kv, ss.meta[1], tid);
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      load_fp8_half(st, p.kv, ss.meta[0], h, tid);
+      store_fp8_half(st, smem_kv0, h, tid);
+    }
+    if (1 < n_tiles) load_fp8_half(st, p.kv, ss.meta[1], 0, tid);
   } else {
     gather_bf16_tile(smem_kv0, p.kv, kRowBytes, ss.meta[0], tid);
   }
@@ -433,14 +432,18 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
     warpgroup_commit_batch();
 
-    // bf16: gather tile i + 1 into the other buffer (its last reader, P V of tile i - 1, is done).
-    if constexpr (!kFp8) {
-      if (i + 1 < n_tiles) {
+    // Tile i + 1 into the other buffer (its last reader, P V of tile i - 1, is done). bf16: the
+    // whole gather; FP8: store half 0 (loaded during P V of tile i - 1), load half 1.
+    if (i + 1 < n_tiles) {
+      if constexpr (kFp8) {
+        store_fp8_half(st, smem_kv0 + (buf ^ 1) * kTileBytes, 0, tid);
+        load_fp8_half(st, p.kv, ss.meta[(i + 1) % kMetaStages], 1, tid);
+      } else {
         gather_bf16_tile(smem_kv0 + (buf ^ 1) * kTileBytes, p.kv, kRowBytes,
                          ss.meta[(i + 1) % kMetaStages], tid);
       }
-      cp_async_fence();
     }
+    if constexpr (!kFp8) cp_async_fence();
     // Resolve tile i + 2 (its meta slot last served tile i - 1, finished before the barrier).
     if (tid < kBlockKeys) {
       if (i + 2 < n_tiles) {
@@ -521,10 +524,10 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
     warpgroup_commit_batch();
     if constexpr (kFp8) {
-      // Tile i + 1 (loaded during tile i - 1) into the free buffer, then load tile i + 2: its
-      // rows were resolved in step i before two barriers.
-      if (i + 1 < n_tiles) store_fp8_tile(st, smem_kv0 + (buf ^ 1) * kTileBytes, tid);
-      if (i + 2 < n_tiles) load_fp8_tile(st, p.kv, ss.meta[(i + 2) % kMetaStages], tid);
+      // Half 1 of tile i + 1 (loaded during this tile's S), then half 0 of tile i + 2: its rows
+      // were resolved in step i before two barriers.
+      if (i + 1 < n_tiles) store_fp8_half(st, smem_kv0 + (buf ^ 1) * kTileBytes, 1, tid);
+      if (i + 2 < n_tiles) load_fp8_half(st, p.kv, ss.meta[(i + 2) % kMetaStages], 0, tid);
     }
     warpgroup_wait<0>();
     warpgroup_fence_operand(tOrO);
