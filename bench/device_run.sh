@@ -11,7 +11,8 @@
 #                              tree: same torch, nvcc and sm_90a) when it imports and its git sha
 #                              is INDEXCACHE_COMMIT's (never for a -dirty commit), else build
 #   TESTS=gpu|all|none         pytest -m gpu, the whole suite, or nothing (default gpu)
-#   TEST_ARGS="..."            extra pytest words, e.g. "-k topk -x"
+#   TEST_ARGS="..."            extra pytest words, e.g. "-x --maxfail 3" (split on spaces)
+#   TEST_K="expr"              pytest -k expression for the test stage (kept whole: "a or b")
 #   SANITIZE=0|1               compute-sanitizer over the GPU tests (default 0)
 #   SANITIZE_TOOLS="..."       default "memcheck racecheck"
 #   SANITIZE_K="expr"          pytest -k expression naming the ops to sanitise (default: all)
@@ -148,6 +149,7 @@ if [ "$BUILD" = 1 ]; then
     "import indexcache_ops, json; print(json.dumps(indexcache_ops.build_info()))" || exit 1
 fi
 
+[ -n "${TEST_K:-}" ] && test_args+=(-k "$TEST_K")
 case "$TESTS" in
   gpu) stage tests tests.log "$PY" -m pytest tests -m gpu -q -ra ${test_args[@]+"${test_args[@]}"} || true ;;
   all) stage tests tests.log "$PY" -m pytest tests -q -ra ${test_args[@]+"${test_args[@]}"} || true ;;
