@@ -45,7 +45,7 @@ namespace {
 using namespace topk_radix;
 
 constexpr int64_t kChunkMin = 4096;  // columns per CTA, at least, when a row is spread
-constexpr int kCtasPerSm = 2;        // __launch_bounds__ below and sizeof(Smem) <= ~113 KB
+constexpr int kCtasPerSm = 2;        // the many-rows build: sizeof(Smem) <= ~113 KB, 128 registers
 constexpr size_t kSmemBytes = sizeof(Smem);
 static_assert(kSmemBytes * kCtasPerSm <= 227 * 1024, "two CTAs per SM");
 
@@ -55,7 +55,11 @@ __device__ __forceinline__ Smem& shared_state() {
 }
 
 // CTA (row r = blockIdx.x / Q, rank q): slots [q * per_cta, (q + 1) * per_cta) of row r's window.
-__global__ void __launch_bounds__(kThreads, kCtasPerSm) topk_kernel(const TopkParams p, int Q) {
+// Built twice: kMinCtas = kCtasPerSm (128 registers, spills ~300 B) for grids of many CTAs, and
+// kMinCtas = 1 (no spills) for grids that fit one CTA per SM, where nothing shares the SM and the
+// spill reloads sit on the latency path of a row that is read once (one 128K row over a cluster).
+template <int kMinCtas>
+__global__ void __launch_bounds__(kThreads, kMinCtas) topk_kernel(const TopkParams p, int Q) {
   Smem& s = shared_state();
   const ClusterView cv{Q, Q > 1 ? int(cg::this_cluster().block_rank()) : 0};
   const int64_t r = blockIdx.x / Q;
@@ -220,15 +224,35 @@ __global__ void __launch_bounds__(kThreads, kCtasPerSm) topk_kernel(const TopkPa
   }
 }
 
+template <int kMinCtas>
 cudaError_t set_attributes() {
-  cudaError_t err = cudaFuncSetAttribute(topk_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+  cudaError_t err = cudaFuncSetAttribute(topk_kernel<kMinCtas>,
+                                         cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          int(kSmemBytes));
   if (err != cudaSuccess) return err;
-  return cudaFuncSetAttribute(topk_kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
+  return cudaFuncSetAttribute(topk_kernel<kMinCtas>,
+                              cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
 }
 
-// Largest cluster the device can place with this kernel's resources (16, else the portable 8);
-// asked once per device (a host-side query, no synchronisation).
+cudaLaunchConfig_t launch_config(int64_t ctas, int64_t Q, cudaLaunchAttribute* attr,
+                                 cudaStream_t stream) {
+  attr->id = cudaLaunchAttributeClusterDimension;
+  attr->val.clusterDim.x = unsigned(Q);
+  attr->val.clusterDim.y = 1;
+  attr->val.clusterDim.z = 1;
+  cudaLaunchConfig_t cfg{};
+  cfg.gridDim = dim3(unsigned(ctas));
+  cfg.blockDim = dim3(kThreads);
+  cfg.dynamicSmemBytes = kSmemBytes;
+  cfg.stream = stream;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  return cfg;
+}
+
+// Largest cluster the device can place with build kMinCtas's resources (16, else the portable 8);
+// asked once per device and build (a host-side query, no synchronisation).
+template <int kMinCtas>
 int max_cluster_size(int device) {
   static std::atomic<int> cache[64];  // static storage: zero-initialised
   std::atomic<int>* slot = device >= 0 && device < 64 ? &cache[device] : nullptr;
@@ -236,20 +260,11 @@ int max_cluster_size(int device) {
     if (const int known = slot->load(std::memory_order_relaxed); known > 0) return known;
   }
   int size = 8;
-  if (set_attributes() == cudaSuccess) {
-    cudaLaunchConfig_t cfg{};
+  if (set_attributes<kMinCtas>() == cudaSuccess) {
     cudaLaunchAttribute attr{};
-    attr.id = cudaLaunchAttributeClusterDimension;
-    attr.val.clusterDim.x = kMaxCluster;
-    attr.val.clusterDim.y = 1;
-    attr.val.clusterDim.z = 1;
-    cfg.gridDim = dim3(kMaxCluster);
-    cfg.blockDim = dim3(kThreads);
-    cfg.dynamicSmemBytes = kSmemBytes;
-    cfg.attrs = &attr;
-    cfg.numAttrs = 1;
+    const cudaLaunchConfig_t cfg = launch_config(kMaxCluster, kMaxCluster, &attr, nullptr);
     int clusters = 0;
-    if (cudaOccupancyMaxActiveClusters(&clusters, topk_kernel, &cfg) == cudaSuccess &&
+    if (cudaOccupancyMaxActiveClusters(&clusters, topk_kernel<kMinCtas>, &cfg) == cudaSuccess &&
         clusters > 0) {
       size = kMaxCluster;
     }
@@ -266,7 +281,7 @@ int64_t floor_pow2(int64_t x) {
 }
 
 int64_t plan_cluster(const TopkParams& p, int device, int sms) {
-  const int64_t max_q = max_cluster_size(device);
+  const int64_t max_q = max_cluster_size<kCtasPerSm>(device);
   if (const char* forced = std::getenv("INDEXCACHE_TOPK_SPLIT"); forced && *forced) {
     return floor_pow2(std::clamp<int64_t>(std::atoll(forced), 1, max_q));
   }
@@ -278,6 +293,22 @@ int64_t plan_cluster(const TopkParams& p, int device, int sms) {
 
 constexpr int64_t kMaxBlocks = (int64_t(1) << 31) - 1;  // gridDim.x
 
+template <int kMinCtas>
+cudaError_t launch(const TopkParams& p, int64_t Q, cudaStream_t stream) {
+  cudaError_t err = set_attributes<kMinCtas>();
+  if (err != cudaSuccess) return err;
+  if (Q == 1) {
+    topk_kernel<kMinCtas><<<unsigned(p.R), kThreads, kSmemBytes, stream>>>(p, 1);
+    return cudaGetLastError();
+  }
+  cudaLaunchAttribute attr{};
+  const cudaLaunchConfig_t cfg = launch_config(p.R * Q, Q, &attr, stream);
+  if ((err = cudaLaunchKernelEx(&cfg, topk_kernel<kMinCtas>, p, int(Q))) != cudaSuccess) {
+    return err;
+  }
+  return cudaGetLastError();
+}
+
 }  // namespace
 
 namespace cuda {
@@ -285,29 +316,16 @@ namespace cuda {
 cudaError_t topk(const TopkParams& p, cudaStream_t stream) {
   if (p.R == 0) return cudaSuccess;
   int device = 0, sms = 0;
-  cudaError_t err = current_device_sms(&sms, &device);
+  const cudaError_t err = current_device_sms(&sms, &device);
   if (err != cudaSuccess) return err;
   const int64_t Q = plan_cluster(p, device, sms);
   if (p.R * Q > kMaxBlocks) return cudaErrorInvalidConfiguration;
-  if ((err = set_attributes()) != cudaSuccess) return err;
-  if (Q == 1) {
-    topk_kernel<<<unsigned(p.R), kThreads, kSmemBytes, stream>>>(p, 1);
-    return cudaGetLastError();
+  // A grid that fits one CTA per SM takes the build without spills (if its clusters can be
+  // placed: it needs twice the SMs per cluster).
+  if (p.R * Q <= sms && (Q == 1 || max_cluster_size<1>(device) >= Q)) {
+    return launch<1>(p, Q, stream);
   }
-  cudaLaunchConfig_t cfg{};
-  cudaLaunchAttribute attr{};
-  attr.id = cudaLaunchAttributeClusterDimension;
-  attr.val.clusterDim.x = unsigned(Q);
-  attr.val.clusterDim.y = 1;
-  attr.val.clusterDim.z = 1;
-  cfg.gridDim = dim3(unsigned(p.R * Q));
-  cfg.blockDim = dim3(kThreads);
-  cfg.dynamicSmemBytes = kSmemBytes;
-  cfg.stream = stream;
-  cfg.attrs = &attr;
-  cfg.numAttrs = 1;
-  if ((err = cudaLaunchKernelEx(&cfg, topk_kernel, p, int(Q))) != cudaSuccess) return err;
-  return cudaGetLastError();
+  return launch<kCtasPerSm>(p, Q, stream);
 }
 
 }  // namespace cuda
