@@ -11,9 +11,9 @@
 //   appends them, in index order, to its own list. Lists live in fixed pages of a shared pool,
 //   so one warp can hold many candidates (a skewed row) while the others hold few.
 // - The first batch of every warp is counted whole, then one cluster barrier: the bound starts
-//   from the cluster's counts, so first batches do not flood the pool (for one 64K row over 16
+//   from the cluster's counts, so first batches do not flood the pool (for one 128K row over 16
 //   CTAs the first batch is the whole row, and the lists receive only the final digit-0 bin and
-//   above). When the first batches are only a sample of the window (longer rows, many rows),
+//   above). When the first batches are only a sample of the window (many rows, one CTA each),
 //   the starting bound is estimated from them (the bin above which the sample holds its share
 //   of k, with 25 % to spare) instead of proven: a proven bound would start at the sample's k-th
 //   item and climb slowly, appending ~3x the candidates over a 128K row (measured 1582 -> 1304
@@ -67,10 +67,8 @@ namespace cg = cooperative_groups;
 
 constexpr int kThreads = 256;  // two CTAs per SM: <= 128 registers, 2 x ~100 KB shared memory
 constexpr int kWarps = kThreads / kWarpSize;
-// 4 float4 loads in flight per lane: at 8 the two-CTA build (128 registers) spilled the
-// register prefetch inside the stream loop (32 local reloads per batch); at 4 it does not.
-constexpr int kUnroll = 4;
-constexpr int kBatchSlots = kUnroll * kWarpSize;    // 128 slots = 512 items per warp batch
+constexpr int kUnroll = 8;                          // float4 loads in flight per lane
+constexpr int kBatchSlots = kUnroll * kWarpSize;    // 256 slots = 1024 items per warp batch
 constexpr int kPageItems = 4 * kWarpSize;           // a page is one step: 4 entries per lane
 constexpr int kPages = 64;                          // one bit each in Smem::free_pages
 constexpr int kBins = 2048;                         // digits 0 and 1: 11 bits; digit 2: 10 bits
@@ -640,10 +638,10 @@ __device__ void stream_slice(Smem& s, const ClusterView& cv, const Slice& sl, Wa
   const int lane = lane_id();
   const int batches = sl.hi > sl.lo ? (sl.hi - sl.lo + kBatchSlots - 1) / kBatchSlots : 0;
   // Full batches are loaded into registers one ahead, and the kL2Ahead batches after that into
-  // L2 (a warp's 2 KB in flight in registers alone is too little to cover HBM latency at full
+  // L2 (a warp's 4 KB in flight in registers alone is too little to cover HBM latency at full
   // bandwidth). The partial batches at the window's ends (at most two) are loaded when their
   // turn comes, which keeps the guarded loads out of the register prefetch's pressure.
-  constexpr int kL2Ahead = 4;
+  constexpr int kL2Ahead = 2;
   float4 cur[kUnroll], nxt[kUnroll];
   uint32_t cur_valid = batches > 0 ? sl.load_batch(sl.lo, cur) : 0u;
   if (batches > 1 && sl.full_batch(sl.lo + kBatchSlots)) {
