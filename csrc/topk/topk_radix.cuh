@@ -75,6 +75,10 @@ constexpr int kBins = 2048;                         // digits 0 and 1: 11 bits; 
 constexpr int kGroups = kWarpSize;                  // coarse histogram: one group per lane
 constexpr uint32_t kShift0 = 21;
 constexpr uint32_t kFullMask = 0xFFFFFFFFu;
+// Existence mask of a batch lying wholly inside the window (bit 4 u + c per item): not kFullMask
+// unless kUnroll is 8, and batch_candidates returns it unfiltered while the bound is 0.
+static_assert(kUnroll * 4 <= 32, "a batch's existence mask is one 32-bit word");
+constexpr uint32_t kFullBatchValid = kUnroll * 4 == 32 ? kFullMask : (1u << (kUnroll * 4)) - 1u;
 constexpr int kMaxCluster = 16;  // CTAs per row at most (a non-portable cluster size)
 
 struct Smem {
@@ -187,7 +191,7 @@ struct Slice {
   __device__ __forceinline__ uint32_t load_batch(int s0, float4 (&v)[kUnroll]) const {
     if (full_batch(s0)) {
       load_full_batch(s0, v);
-      return kFullMask;
+      return kFullBatchValid;
     }
     uint32_t valid = 0;
 #pragma unroll
@@ -680,7 +684,7 @@ __device__ void stream_slice(Smem& s, const ClusterView& cv, const Slice& sl, Wa
       if (b + 1 < batches && sl.full_batch(s0 + kBatchSlots)) {
         sl.load_full_batch(s0 + kBatchSlots, nxt);
       }
-      cur_valid = sl.full_batch(s0) ? kFullMask : sl.load_batch(s0, cur);
+      cur_valid = sl.full_batch(s0) ? kFullBatchValid : sl.load_batch(s0, cur);
     }
     uint32_t shared_bound = 0;
     if (lane == 0) shared_bound = *reinterpret_cast<volatile uint32_t*>(&s.bound);
