@@ -11,6 +11,8 @@
 //   are spread over clusters of up to 16 CTAs (8 where the device cannot place 16: the occupancy
 //   query) as long as every CTA keeps >= kChunkMin columns and the grid fits one wave (two CTAs
 //   per SM).
+// - Two builds of the kernel: two CTAs per SM (128 registers) for grids of more CTAs than SMs,
+//   one (no spills) for grids that fit one per SM: one 128K row 21.7 -> 19.2 us on the H200.
 // - INDEXCACHE_TOPK_SPLIT=<G> forces Q to the largest power of two <= min(G, max cluster size)
 //   (1 = one CTA per row): a testing and tuning override; unset, plan_cluster() decides.
 // - Flow of one CTA: stream (topk_radix.cuh) -> cluster barrier -> digit-0 search over the
