@@ -29,9 +29,11 @@
 //   group: kMaxTopk + 1024, 24 KB) and 2 x 1 KB histograms (double-buffered across digits so one
 //   barrier per digit suffices). What is left holds 3 key stages at H = 64, D = 128 and 2 at
 //   H = 32, D = 128 (indexer_logits: 5).
-// - Expected cost (not yet measured): the select runs a handful of times per query over a 64K
-//   window (the pool fills more slowly as the floor rises: ~k ln(n / k) appends in all), ~3 us
-//   each, plus one ~4 us sort per group, against ~300 us of MMA per group at N = 65536.
+// - Cost (H200, S = 4096, N = 65536, bench/NOTES.md): 7980 us against 5380 us for indexer_logits
+//   + topk. Selection runs on the math warps while the tensor cores wait: ~7 cuts per group at
+//   ~14 us (two 512-thread barriers per digit), a ~33 us sort, and an append path taken by 75 % of
+//   warp-tiles (a ballot covers 16 keys, ~11 % of which pass the rising floor): ~210 us per group
+//   against ~300 us of MMA. Hence opt-in only; NOTES has what parity would take.
 #include <cuda_runtime.h>
 
 #include <cstdint>
