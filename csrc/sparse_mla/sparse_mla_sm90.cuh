@@ -270,9 +270,9 @@ __device__ __forceinline__ void gather_bf16_tile(uint32_t dst, const uint8_t* sr
 
 // FP8 rows pass through registers half a tile (rows 32 h .. 32 h + 31) at a time: half 0 of
 // tile i + 1 is loaded during tile i - 1's P V and stored during tile i's S, half 1 loaded during
-// tile i's S and stored during its P V (the tile loop below), so a half's latency hides behind a GEMM
-// and the softmax or the loop barrier while only 21 registers ride beside the 128 accumulators
-// (a whole tile staged took 41 and spilled). Thread (warp w, lane l) holds latent chunk l (16
+// tile i's S and stored during its P V (the tile loop below), so a half's latency hides behind a
+// GEMM and the softmax or the loop barrier while only 21 registers ride beside the 128
+// accumulators (a whole tile staged took 41 and spilled). Thread (warp w, lane l) holds latent chunk l (16
 // e4m3, scale block l / 8) of rows 32 h + w + 8 i (i < 4), rope chunk tid % 8 of row
 // 32 h + tid / 8, and one scale: that of block l / 8 of row 32 h + w + 8 (l % 4), which the
 // lanes of its 8-lane group exchange by shuffles at store time.
