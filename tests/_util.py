@@ -316,7 +316,8 @@ def assert_topk_near(got: torch.Tensor, scores: torch.Tensor, magnitude: torch.T
         missed = sorted(want - set(sel))
         if missed:
             best_missed = scores[r, missed].max()
-            assert best_missed <= kth + tol, f"row {r}: missed score {best_missed} > k-th {kth} + {tol}"
+            assert best_missed <= kth + tol, \
+                f"row {r}: missed score {best_missed} > k-th {kth} + {tol}"
         found += len(want & set(sel))
         total += k
     if total * (1.0 - min_recall) >= 1.0:
