@@ -87,8 +87,7 @@ __global__ void __launch_bounds__(Config<kHeads, kHeadDim, 1>::kThreads, 1)
 template <int kHeads, int kHeadDim>
 cudaError_t launch(const IndexerLogitsParams& p, cudaStream_t stream) {
   using C = Config<kHeads, kHeadDim, 1>;
-  const int64_t groups = ceil_div<int64_t>(p.S, C::kQueriesPerGroup);
-  const int64_t max_tiles = groups * ceil_div<int64_t>(p.N, C::kTileKeys);
+  const int64_t max_tiles = int64_t{num_query_groups<C>(p)} * ceil_div<int64_t>(p.N, C::kTileKeys);
   return launch_ragged<C>(indexer_logits_kernel<kHeads, kHeadDim>, p, p, max_tiles, stream);
 }
 

@@ -73,7 +73,7 @@ __device__ __forceinline__ GroupKeys group_keys(const IndexerLogitsParams& p, in
 }
 
 template <class C>
-__device__ __forceinline__ int num_query_groups(const IndexerLogitsParams& p) {
+__host__ __device__ __forceinline__ int num_query_groups(const IndexerLogitsParams& p) {
   return static_cast<int>(ceil_div<int64_t>(p.S, C::kQueriesPerGroup));
 }
 

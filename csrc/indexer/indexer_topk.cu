@@ -379,8 +379,8 @@ template <int kHeads, int kHeadDim>
 cudaError_t launch(const IndexerTopkParams& tp, cudaStream_t stream) {
   using C = FusedConfig<kHeads, kHeadDim>;
   const IndexerLogitsParams& p = tp.scores;
-  const int64_t groups = ceil_div<int64_t>(p.S, C::kQueriesPerGroup);
-  return launch_ragged<C>(indexer_topk_kernel<kHeads, kHeadDim>, tp, p, groups, stream);
+  return launch_ragged<C>(indexer_topk_kernel<kHeads, kHeadDim>, tp, p, num_query_groups<C>(p),
+                          stream);
 }
 
 }  // namespace
