@@ -229,7 +229,7 @@ def decode_inputs(gen, lens, next_n, Hq, k, fp8, pow2=True, pad=0.1, bad=0.05):
 def _prefill_params():
     out = []
     for Hq in (16, 64, 128):
-        for k in (64, 100, 512, 2048):
+        for k in (64, 100, 320, 512, 2048):
             S = 256 if k <= 512 else 96
             tag = "large" if k == 2048 or (Hq == 128 and k == 512) else "small"
             out.append(pytest.param(Hq, k, S, id=f"{tag}-Hq{Hq}-k{k}-S{S}"))

@@ -1,35 +1,35 @@
-// Sparse MLA forward on sm_90a: the one mainloop behind sparse_mla_prefill (flat bf16 KV) and
+// Sparse MLA forward on sm_90a: the one kernel behind sparse_mla_prefill (flat bf16 KV) and
 // sparse_mla_decode (paged bf16 or FP8 cache), and the split-k combine. Torch-free; included by
 // the .cu files of this folder only.
 //
 // NOTES:
-// - Work unit (one CTA, 256 threads = 2 math warpgroups): one query row x one group of 64 heads x
-//   one slice of its top-k. 64 heads is the M of a wgmma and the most a CTA can hold: the output
-//   accumulator of 64 heads x 512 fp32 already takes half the register file (128 per thread), so
-//   Hq = 128 runs as two CTAs per query (launched adjacently: the second gather of each KV row hits
-//   L2), and Hq = 16 / 32 pad the M rows with zero queries that are never stored.
-// - Per 64-key tile: warpgroup g computes S[:, 32g : 32g + 32] = Q K^T (64x32x576, both operands
-//   in smem), the two exchange their row maxima through smem so that both use the same running
-//   max, each writes its probabilities (bf16) into a shared 64x64 P tile, and each accumulates
-//   O[:, 256g : 256g + 256] += P V over all 64 keys (64x256x64). So every gathered row is read from
-//   global memory once per CTA and from smem once per warpgroup and GEMM.
-// - No producer warps: the KV gather is cp.async (16 B; masked rows are zero-filled with
-//   st.shared) issued by all 256 threads right after they issue the asynchronous S wgmma, and
-//   double-buffered (Q 72 KB + 2 KV tiles 144 KB + P 8 KB = the whole 227 KB of smem). FP8 rows
-//   (656 B) pass through registers half a tile at a time and are dequantised to bf16 into the
-//   other buffer while the S and the P V wgmmas run (Fp8Half).
+// - Work unit (one CTA): one query row x one group of 64 heads x one slice of its top-k. 64 heads
+//   is the M of a wgmma and the most a CTA can hold: the output accumulator of 64 heads x 512 fp32
+//   is half the register file, so Hq = 128 runs as two CTAs per query (launched adjacently: the
+//   second gather of each KV row hits L2), and Hq = 16 / 32 pad the M rows with zero queries that
+//   are never stored.
+// - Three warpgroups, specialised. The producer (80 registers) resolves indices to KV rows and
+//   fills two 64-key tile buffers, half a tile at a time (dims 0-255 and 256-575, each with its own
+//   ready / free mbarrier), so a GEMM can start on one half while the other is still arriving. The
+//   two math warpgroups (216 registers) take alternate tiles (even tiles live in buffer 0, odd in
+//   buffer 1): each computes the whole 64 x 64 S = Q K^T of its tile (N = 64: the Q operand is read
+//   from smem once per 64 keys, so S runs at the tensor rate, not at smem bandwidth) while the
+//   other runs its softmax or P V. Each owns half of O's 512 columns (128 accumulator registers)
+//   and multiplies both tiles' P into it: its own P from registers, the other's P from smem.
+// - The running row max is handed between the math warpgroups through smem once per tile, in tile
+//   order (WG0's max of the even tile feeds WG1's softmax of the odd one, whose max WG0 then uses
+//   to rescale its P and O), so both halves of O and both row sums always share one reference.
+//   P of the even tile goes to smem in the RoPE block of its own buffer (no longer read once S is
+//   done); P of the odd tile has its own 8 KB (its buffer's RoPE block is refilled before WG0 has
+//   read P). Q 72 KB + 2 x 72 KB tiles + 8 KB = the 227 KB an sm_90 CTA may use.
 // - The KV tile is stored once, row-major [key][576] in 128-byte-swizzled 8x64 atoms; the same
 //   bytes are the K-major B operand of Q K^T and the MN-major B operand of P V (V^T view), so
-//   nothing is transposed. Shapes and fragment layouts are CuTe's (checked against the manual
-//   swizzle formula used by the gather).
-// - Index resolution runs two tiles ahead in warps 0-1 (one key per thread, a software pipeline
-//   of index load -> block-table load -> row id), so dependent global loads never stall the tile
-//   being computed. Each resolved row is also hinted into L2 (prefetch.global.L2) a tile before
-//   its gather (measured within run-to-run noise at the headline prefill shape: the gather is
-//   not latency-bound on HBM alone).
+//   nothing is transposed. bf16 rows arrive by cp.async (zero-filled when masked) tracked by the
+//   mbarriers; FP8 rows (656 B) pass through the producer's registers and are dequantised to bf16
+//   (e4m3 * fp32 scale, rounded to bf16) into the same layout.
 // - Masked keys (-1, out of [0, N), positions past the block table or pages outside the cache,
-//   the tail past topk) become zero rows and -inf scores: nothing outside the tensors is ever
-//   read, and 0 * garbage can never make a NaN.
+//   the tail past topk, the missing odd tile of an odd tile count) become zero rows and -inf
+//   scores: nothing outside the tensors is ever read, and 0 * garbage can never make a NaN.
 // - Split-k (small batches): CTAs of one (query, head group) take disjoint tile ranges and write
 //   normalised fp32 partial outputs + lse to a workspace the op layer allocates; a second kernel
 //   merges them in a fixed order. The split count depends on shapes and the SM count only, so a
@@ -51,6 +51,7 @@
 #include <cute/atom/mma_traits_sm90_gmma.hpp>
 #include <cute/tensor.hpp>
 #include <cutlass/arch/barrier.h>
+#include <cutlass/arch/reg_reconfig.h>
 #include <cutlass/numeric_types.h>
 
 #include "indexcache/device.h"
@@ -63,14 +64,18 @@ namespace sparse_mla_sm90 {
 
 constexpr int kHeadsPerCta = 64;     // wgmma M
 constexpr int kBlockKeys = 64;       // keys per tile
-constexpr int kKeysPerWg = kBlockKeys / 2;
 constexpr int kVColsPerWg = kMlaDimLatent / 2;
-constexpr int kThreads = 256;        // two math warpgroups
-constexpr int kRowChunks = kMlaDimQK * 2 / 16;                      // 72 x 16 B per bf16 row
-constexpr int kTileChunksPerThread = kBlockKeys * kRowChunks / kThreads;  // 18
-static_assert(kBlockKeys * kRowChunks % kThreads == 0, "tile gather split");
-constexpr int kMetaStages = 3;       // tiles i (mask), i + 1 (gather), i + 2 (being resolved)
-constexpr int kMinTilesPerSplit = 2;
+constexpr int kMathThreads = 256;    // two math warpgroups
+constexpr int kProducerThreads = 128;
+constexpr int kThreads = kMathThreads + kProducerThreads;
+constexpr int kMathRegs = 216;
+constexpr int kProducerRegs = 72;
+static_assert(kMathThreads * kMathRegs + kProducerThreads * kProducerRegs <= 168 * kThreads,
+              "register file");
+constexpr int kRowChunks = kMlaDimQK * 2 / 16;  // 72 x 16 B per bf16 row
+constexpr int kColBlocks = kMlaDimQK / 64;      // 9 swizzled column blocks of 64 dims per tile
+constexpr int kHalf0Blocks = 4;                 // half 0: dims 0-255 (WG0's V columns)
+constexpr int kMinTilesPerSplit = 2;            // one tile per math warpgroup
 
 // FP8 row layout (params.h): 512 e4m3 | 4 fp32 scales | 64 bf16 rope.
 constexpr int kFp8ScalesOffset = kMlaDimLatent;
@@ -88,36 +93,76 @@ using SmemLayoutK = SmemLayoutQ;  // (key, dim)
 using SmemLayoutVt = decltype(cute::tile_to_shape(
     cute::GMMA::Layout_MN_SW128_Atom<bf16>{}, cute::Shape<cute::Int<kMlaDimLatent>, cute::_64>{},
     cute::Step<cute::_2, cute::_1>{}));
+// P (heads x keys): one column block of a tile, same swizzle.
 using SmemLayoutP = decltype(cute::tile_to_shape(cute::GMMA::Layout_K_SW128_Atom<bf16>{},
                                                  cute::Shape<cute::_64, cute::_64>{}));
 
 using TiledMmaS = decltype(cute::make_tiled_mma(
-    cute::GMMA::ss_op_selector<bf16, bf16, float,
-                               cute::Shape<cute::_64, cute::Int<kKeysPerWg>, cute::_64>,
+    cute::GMMA::ss_op_selector<bf16, bf16, float, cute::Shape<cute::_64, cute::_64, cute::_64>,
                                cute::GMMA::Major::K, cute::GMMA::Major::K>()));
-using TiledMmaO = decltype(cute::make_tiled_mma(
+// P V with this warpgroup's own P (registers) and with the other's (smem).
+using TiledMmaOwnP = decltype(cute::make_tiled_mma(
+    cute::GMMA::rs_op_selector<bf16, bf16, float,
+                               cute::Shape<cute::_64, cute::Int<kVColsPerWg>, cute::_64>,
+                               cute::GMMA::Major::K, cute::GMMA::Major::MN>()));
+using TiledMmaPeerP = decltype(cute::make_tiled_mma(
     cute::GMMA::ss_op_selector<bf16, bf16, float,
                                cute::Shape<cute::_64, cute::Int<kVColsPerWg>, cute::_64>,
                                cute::GMMA::Major::K, cute::GMMA::Major::MN>()));
 
 constexpr int kTileElems = kHeadsPerCta * kMlaDimQK;  // 36864
+constexpr int kBlockElems = kHeadsPerCta * 64;        // one column block: 4096
+constexpr int kRopeBlock = kColBlocks - 1;
 
 struct SharedStorage {
-  uint16_t q[kTileElems];                // offset 0
-  uint16_t kv[2][kTileElems];            // offset 73728 (72 KB), 1024-aligned
-  uint16_t p[kHeadsPerCta * kBlockKeys];  // offset 221184, 1024-aligned
-  int64_t meta[kMetaStages][kBlockKeys];  // row id of each key (-1: masked)
-  uint32_t valid[kMetaStages][2];         // bit k of word g: key 32g + k is valid
-  float row_stat[2][kHeadsPerCta];        // per-warpgroup row max, then row sum
+  uint16_t q[kTileElems];                   // offset 0
+  uint16_t kv[2][kTileElems];               // offset 73728: buffer b holds tiles of parity b
+  uint16_t p_odd[kHeadsPerCta * kBlockKeys];  // offset 221184 (P of the even tile: kv[0]'s RoPE)
+  int64_t rows[2][2][kBlockKeys];           // [pair % 2][buffer][key]: KV row, -1 masked
+  uint32_t valid[2][2];                     // [buffer][word]: bit k of word w = key 32 w + k
+  float m_exchange[kHeadsPerCta];           // running row max (raw score), handed WG0 <-> WG1
+  float l_exchange[2][kHeadsPerCta];        // per-warpgroup row sums, epilogue
+  uint64_t q_ready;
+  uint64_t ready[2][2];                     // [buffer][half]: filled (producer -> math)
+  uint64_t freed[2][2];                     // [buffer][half]: last reader done (math -> producer)
+  uint64_t valid_ready[2];                  // [buffer]: valid words of the current tile
 };
-static_assert(offsetof(SharedStorage, kv) % 1024 == 0 && offsetof(SharedStorage, p) % 1024 == 0,
+static_assert(offsetof(SharedStorage, kv) % 1024 == 0 && offsetof(SharedStorage, p_odd) % 1024 == 0,
               "swizzled tiles need 1024-byte alignment");
+static_assert(offsetof(SharedStorage, q_ready) % 8 == 0, "mbarriers are 8-byte words");
 constexpr int kSmemBytes = int(sizeof(SharedStorage));
 static_assert(kSmemBytes <= 232448, "over the 227 KB of smem an sm_90 block may opt into");
 
 // Element offset of (row r, 16-byte chunk c) of a 64 x 576 swizzled tile (see SmemLayoutQ).
 __device__ __forceinline__ uint32_t tile_chunk_offset(int r, int c) {
   return uint32_t((c >> 3) * 4096 + r * 64 + (((c & 7) ^ (r & 7)) << 3));
+}
+
+// Named barriers (0 is __syncthreads). Each is used once per tile pair, by 256 math threads: one
+// warpgroup arrives, the other waits.
+enum NamedBarrierId : uint32_t {
+  kMaxEvenReady = 1,  // WG0 -> WG1: running max after the even tile
+  kMaxOddReady = 2,   // WG1 -> WG0: running max after the odd tile
+  kPEvenReady = 3,    // WG0 -> WG1: P of the even tile in smem
+  kPOddReady = 4,     // WG1 -> WG0: P of the odd tile in smem
+  kRowsReady = 5,     // producer warpgroup: this pair's row ids in smem
+  kRowSums = 6,       // epilogue: both warpgroups' row sums in smem
+};
+
+// The same pointer, but the compiler may not assume so (keeps address arithmetic at its use).
+template <class T>
+__device__ __forceinline__ T* opaque(T* ptr) {
+  uint64_t v = reinterpret_cast<uint64_t>(ptr);
+  asm volatile("" : "+l"(v));
+  return reinterpret_cast<T*>(v);
+}
+
+__device__ __forceinline__ void named_sync(uint32_t id, uint32_t threads) {
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+
+__device__ __forceinline__ void named_arrive(uint32_t id, uint32_t threads) {
+  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
 }
 
 // ---- problem -------------------------------------------------------------------------------
@@ -150,30 +195,13 @@ struct Problem {
 
 // ---- small device helpers ------------------------------------------------------------------
 
-__device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src) {
-  asm volatile("cp.async.cg.shared.global.L2::128B [%0], [%1], 16;\n" ::"r"(dst), "l"(src)
+// A 16-byte chunk from global memory, or 16 zero bytes when !valid (src-size 0: nothing is read,
+// so a masked row's address is never formed; `fallback` is any valid global address).
+__device__ __forceinline__ void cp_async_16_or_zero(uint32_t dst, const void* src,
+                                                    const void* fallback, bool valid) {
+  asm volatile("cp.async.cg.shared.global.L2::128B [%0], [%1], 16, %2;\n" ::"r"(dst),
+               "l"(valid ? src : fallback), "r"(valid ? 16 : 0)
                : "memory");
-}
-
-__device__ __forceinline__ void st_shared_v4(uint32_t addr, uint4 v);
-
-// A 16-byte chunk from global memory, or zeros (then no global address is formed at all: a masked
-// row may point anywhere, and an empty KV has no valid address).
-__device__ __forceinline__ void load_chunk_or_zero(uint32_t dst, const uint8_t* src, bool valid) {
-  if (valid) {
-    cp_async_16(dst, src);
-  } else {
-    st_shared_v4(dst, make_uint4(0, 0, 0, 0));
-  }
-}
-
-// Pulls the 128-byte lines of [p, p + bytes) into L2 (a hint: no smem, no wait, no fault).
-template <int kBytes>
-__device__ __forceinline__ void prefetch_l2(const uint8_t* p) {
-#pragma unroll
-  for (int off = 0; off < kBytes + 127; off += 128) {
-    asm volatile("prefetch.global.L2 [%0];\n" ::"l"(p + min(off, kBytes - 1)));
-  }
 }
 
 __device__ __forceinline__ uint4 ld_nc_v4(const void* p) {
@@ -252,70 +280,214 @@ __device__ __forceinline__ int64_t resolve_row(const Problem& p, int index, int 
   }
 }
 
-// ---- gathers -------------------------------------------------------------------------------
+// ---- producer: tile halves into smem -------------------------------------------------------
 
-// 64 bf16 rows of 576 (row r at src + rows[r] * row_bytes, zero rows where rows[r] < 0) into a
-// swizzled tile, cp.async by all 256 threads.
-__device__ __forceinline__ void gather_bf16_tile(uint32_t dst, const uint8_t* src,
-                                                 int64_t row_bytes, const int64_t* rows, int tid) {
-#pragma unroll 6
-  for (int i = 0; i < kTileChunksPerThread; ++i) {
-    const int e = tid + kThreads * i;
-    const int r = e / kRowChunks;
-    const int c = e - r * kRowChunks;
-    const int64_t row = rows[r];
-    load_chunk_or_zero(dst + 2 * tile_chunk_offset(r, c), src + row * row_bytes + c * 16, row >= 0);
-  }
-}
-
-// FP8 rows pass through registers half a tile (rows 32 h .. 32 h + 31) at a time: half 0 of
-// tile i + 1 is loaded during tile i - 1's P V and stored during tile i's S, half 1 loaded during
-// tile i's S and stored during its P V (the tile loop below), so a half's latency hides behind a
-// GEMM and the softmax or the loop barrier while only 21 registers ride beside the 128
-// accumulators (a whole tile staged took 41 and spilled). Thread (warp w, lane l) holds latent chunk l (16
-// e4m3, scale block l / 8) of rows 32 h + w + 8 i (i < 4), rope chunk tid % 8 of row
-// 32 h + tid / 8, and one scale: that of block l / 8 of row 32 h + w + 8 (l % 4), which the
-// lanes of its 8-lane group exchange by shuffles at store time.
-struct Fp8Half {
-  uint4 lat[4];
-  uint4 rope;
-  float scale;
+// Half h of a tile covers column blocks [kFirst, kFirst + kCount): h = 0 dims 0-255, h = 1 dims
+// 256-575 (the rest of V and the RoPE block).
+template <int kHalf>
+struct TileHalf {
+  static constexpr int kFirst = kHalf == 0 ? 0 : kHalf0Blocks;
+  static constexpr int kCount = kHalf == 0 ? kHalf0Blocks : kColBlocks - kHalf0Blocks;
 };
 
-__device__ __forceinline__ void load_fp8_half(Fp8Half& st, const uint8_t* kv, const int64_t* rows,
-                                              int half, int tid) {
-  const int warp = tid / 32, lane = tid % 32, base = 32 * half;
+// bf16 rows: 8 threads per 128-byte block row (coalesced), thread pt covers rows pt / 8 + 16 i,
+// chunk pt % 8 of every block of the half; cp.async, zero-filled where masked. The producer's
+// mbarrier arrival (cpasync_barrier_arrive_noinc) completes when these copies have landed.
+template <int kHalf>
+__device__ __forceinline__ void copy_bf16_half(uint32_t dst_tile, const uint8_t* kv,
+                                               int64_t row_bytes, const int64_t* rows,
+                                               const void* fallback, int pt) {
+  const int c = pt % 8;
 #pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const int64_t row = rows[base + warp + 8 * i];
-    st.lat[i] =
-        row >= 0 ? ld_nc_v4(kv + row * kMlaFp8RowBytes + 16 * lane) : make_uint4(0, 0, 0, 0);
+  for (int i = 0; i < kBlockKeys / 16; ++i) {
+    const int r = pt / 8 + 16 * i;
+    const int64_t row = rows[r];
+    const uint8_t* src = kv + (row >= 0 ? row : 0) * row_bytes + c * 16;
+#pragma unroll
+    for (int b = TileHalf<kHalf>::kFirst; b < TileHalf<kHalf>::kFirst + TileHalf<kHalf>::kCount;
+         ++b) {
+      cp_async_16_or_zero(dst_tile + 2 * tile_chunk_offset(r, 8 * b + c), src + b * 128, fallback,
+                          row >= 0);
+    }
   }
-  {
-    const int64_t row = rows[base + tid / 8];
-    st.rope = row >= 0 ? ld_nc_v4(kv + row * kMlaFp8RowBytes + kFp8RopeOffset + 16 * (tid % 8))
-                       : make_uint4(0, 0, 0, 0);
-  }
-  const int64_t row = rows[base + warp + 8 * (lane % 4)];
-  st.scale = row >= 0 ? ld_nc_f32(kv + row * kMlaFp8RowBytes + kFp8ScalesOffset + 4 * (lane / 8))
-                      : 0.0f;
 }
 
-// Called by all 32 lanes of every warp (shuffles).
-__device__ __forceinline__ void store_fp8_half(const Fp8Half& st, uint32_t dst, int half, int tid) {
-  const int warp = tid / 32, lane = tid % 32, base = 32 * half;
+// FP8 rows pass through registers: latent dims [256 h, 256 h + 256) as 16 chunks of 16 e4m3 per
+// row (thread pt: chunk pt % 16 of rows pt / 16 + 8 i, with that chunk's scale), and for h = 1
+// the 64 bf16 RoPE dims (chunk pt % 8 of rows pt / 8 + 16 i). Loaded before the producer waits for
+// the buffer half to be free, stored (dequantised) after.
+struct Fp8Half {
+  uint4 lat[8];
+  float scale[8];
+  uint4 rope[4];
+};
+
+template <int kHalf>
+__device__ __forceinline__ void load_fp8_half(Fp8Half& st, const uint8_t* kv, const int64_t* rows,
+                                              int pt) {
+  const int c = pt % 16;
 #pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const int r = base + warp + 8 * i;
-    const float scale = __shfl_sync(0xFFFFFFFFu, st.scale, (lane & ~7) | i);
-    const uint2 a = dequant4(st.lat[i].x, scale);
-    const uint2 b = dequant4(st.lat[i].y, scale);
-    const uint2 c = dequant4(st.lat[i].z, scale);
-    const uint2 d = dequant4(st.lat[i].w, scale);
-    st_shared_v4(dst + 2 * tile_chunk_offset(r, 2 * lane), make_uint4(a.x, a.y, b.x, b.y));
-    st_shared_v4(dst + 2 * tile_chunk_offset(r, 2 * lane + 1), make_uint4(c.x, c.y, d.x, d.y));
+  for (int i = 0; i < 8; ++i) {
+    const int64_t row = rows[pt / 16 + 8 * i];
+    const uint8_t* src = kv + row * kMlaFp8RowBytes;
+    st.lat[i] = row >= 0 ? ld_nc_v4(src + 256 * kHalf + 16 * c) : make_uint4(0, 0, 0, 0);
+    st.scale[i] = row >= 0 ? ld_nc_f32(src + kFp8ScalesOffset + 4 * (2 * kHalf + c / 8)) : 0.0f;
   }
-  st_shared_v4(dst + 2 * tile_chunk_offset(base + tid / 8, kMlaDimLatent / 8 + tid % 8), st.rope);
+  if constexpr (kHalf == 1) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int64_t row = rows[pt / 8 + 16 * i];
+      st.rope[i] = row >= 0 ? ld_nc_v4(kv + row * kMlaFp8RowBytes + kFp8RopeOffset + 16 * (pt % 8))
+                            : make_uint4(0, 0, 0, 0);
+    }
+  }
+}
+
+template <int kHalf>
+__device__ __forceinline__ void store_fp8_half(const Fp8Half& st, uint32_t dst_tile, int pt) {
+  const int c = pt % 16;
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    const int r = pt / 16 + 8 * i;
+    const uint2 a = dequant4(st.lat[i].x, st.scale[i]);
+    const uint2 b = dequant4(st.lat[i].y, st.scale[i]);
+    const uint2 d = dequant4(st.lat[i].z, st.scale[i]);
+    const uint2 e = dequant4(st.lat[i].w, st.scale[i]);
+    const int chunk = 32 * kHalf + 2 * c;  // 8 bf16 per 16-byte chunk
+    st_shared_v4(dst_tile + 2 * tile_chunk_offset(r, chunk), make_uint4(a.x, a.y, b.x, b.y));
+    st_shared_v4(dst_tile + 2 * tile_chunk_offset(r, chunk + 1), make_uint4(d.x, d.y, e.x, e.y));
+  }
+  if constexpr (kHalf == 1) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      st_shared_v4(dst_tile + 2 * tile_chunk_offset(pt / 8 + 16 * i, kMlaDimLatent / 8 + pt % 8),
+                   st.rope[i]);
+    }
+  }
+}
+
+// Producer warpgroup: Q once, then per tile pair (even tile -> buffer 0, odd -> buffer 1) the four
+// halves in the order the math warpgroups free them. Thread pt resolves key pt % 64 of the pair's
+// tile pt / 64 (a software pipeline: the index of pair j + 1 and the block-table entry of its
+// position are loaded one pair ahead, so no dependent load stalls a fill).
+template <Mode kMode>
+__device__ __forceinline__ void producer(const Problem& p, SharedStorage& ss, int64_t qrow,
+                                         int head0, int heads, int64_t key0, int n_tiles, int pt) {
+  constexpr bool kFp8 = kMode == Mode::kDecodeFp8;
+  constexpr int64_t kRowBytes = kFp8 ? kMlaFp8RowBytes : kMlaDimQK * 2;
+  const void* fallback = p.q;
+  {
+    const uint8_t* q_rows =
+        reinterpret_cast<const uint8_t*>(p.q + (qrow * p.Hq + head0) * kMlaDimQK);
+    const uint32_t smem_q = cute::cast_smem_ptr_to_uint(ss.q);
+#pragma unroll 4
+    for (int i = 0; i < kHeadsPerCta * kRowChunks / kProducerThreads; ++i) {
+      const int e = pt + kProducerThreads * i;
+      const int r = e / kRowChunks;
+      const int c = e - r * kRowChunks;
+      cp_async_16_or_zero(smem_q + 2 * tile_chunk_offset(r, c),
+                          q_rows + int64_t(r) * (kMlaDimQK * 2) + c * 16, fallback, r < heads);
+    }
+    cutlass::arch::cpasync_barrier_arrive_noinc(&ss.q_ready);
+  }
+
+  const int buf = pt / kBlockKeys, key = pt % kBlockKeys, warp = pt / 32, lane = pt % 32;
+  auto index_of = [&](int pair) {
+    const int tile = 2 * pair + buf;
+    return tile < n_tiles ? load_index(p, qrow, key0 + int64_t(tile) * kBlockKeys + key) : -1;
+  };
+  int idx_cur = index_of(0);
+  int page_cur = load_page<kMode>(p, qrow, idx_cur);
+  int idx_next = index_of(1);
+  const uint32_t smem_kv0 = cute::cast_smem_ptr_to_uint(ss.kv[0]);
+  constexpr uint32_t kTileBytes = kTileElems * 2;
+  const int n_pairs = (n_tiles + 1) / 2;
+  Fp8Half st;
+
+  for (int pair = 0; pair < n_pairs; ++pair) {
+    const int slot = pair & 1;
+    const uint32_t free_phase = (pair & 1) ^ 1;  // a fresh barrier's previous phase counts as done
+    const int64_t r = resolve_row<kMode>(p, idx_cur, page_cur);
+    // Slot `slot` was last read in pair - 2, before every producer thread passed pair - 1's barrier.
+    ss.rows[slot][buf][key] = r;
+    const uint32_t valid_bits = __ballot_sync(0xFFFFFFFFu, r >= 0);
+    page_cur = load_page<kMode>(p, qrow, idx_next);
+    idx_cur = idx_next;
+    idx_next = index_of(pair + 2);
+    named_sync(kRowsReady, kProducerThreads);
+
+    // The valid words of buffer b are rewritten only after its first reader freed half 0 / 1.
+    auto publish_valid = [&](int b) {
+      if (buf == b && lane == 0) {
+        ss.valid[b][warp % 2] = valid_bits;
+        cutlass::arch::ClusterBarrier::arrive(&ss.valid_ready[b]);
+      }
+    };
+    auto fill = [&](auto half_tag, int b) {
+      constexpr int kHalf = decltype(half_tag)::value;
+      const int64_t* rows = ss.rows[slot][b];
+      const uint32_t dst = smem_kv0 + b * kTileBytes;
+      if constexpr (kFp8) load_fp8_half<kHalf>(st, p.kv, rows, pt);
+      cutlass::arch::ClusterBarrier::wait(&ss.freed[b][kHalf], free_phase);
+      if (kHalf == (b == 0 ? 0 : 1)) publish_valid(b);
+      if constexpr (kFp8) {
+        store_fp8_half<kHalf>(st, dst, pt);
+        cutlass::arch::fence_view_async_shared();  // st.shared -> the wgmma (async proxy) reads
+        cutlass::arch::ClusterBarrier::arrive(&ss.ready[b][kHalf]);
+      } else {
+        copy_bf16_half<kHalf>(dst, p.kv, kRowBytes, rows, fallback, pt);
+        cutlass::arch::cpasync_barrier_arrive_noinc(&ss.ready[b][kHalf]);
+      }
+    };
+    // The order the math warpgroups release them: WG0 frees buffer 0 half 0 after its own P V,
+    // WG1 buffer 1 half 1 after its own, then each the other's buffer after the peer P V.
+    fill(cute::Int<0>{}, 0);
+    fill(cute::Int<1>{}, 1);
+    fill(cute::Int<1>{}, 0);
+    fill(cute::Int<0>{}, 1);
+  }
+  cute::cp_async_wait<0>();
+}
+
+// ---- math warpgroups -----------------------------------------------------------------------
+
+template <int kBegin, int kEnd, class TA, class TB, class TC>
+__device__ __forceinline__ void issue_s(TiledMmaS& mma, const TA& tSrQ, const TB& tSrK, TC& rS,
+                                        bool clear) {
+  using namespace cute;
+  warpgroup_arrive();
+  CUTE_UNROLL
+  for (int k = kBegin; k < kEnd; ++k) {
+    mma.accumulate_ = clear && k == kBegin ? GMMA::ScaleOut::Zero : GMMA::ScaleOut::One;
+    cute::gemm(mma, tSrQ(_, _, k), tSrK(_, _, k), rS);
+  }
+  warpgroup_commit_batch();
+}
+
+template <class Mma, class TA, class TB, class TC>
+__device__ __forceinline__ void issue_pv(Mma& mma, const TA& tA, const TB& tB, TC& rO) {
+  using namespace cute;
+  warpgroup_arrive();
+  mma.accumulate_ = GMMA::ScaleOut::One;
+  CUTE_UNROLL
+  for (int k = 0; k < size<2>(tB); ++k) cute::gemm(mma, tA(_, _, k), tB(_, _, k), rO);
+  warpgroup_commit_batch();
+}
+
+// P (64 x 64, bf16 pairs from the S accumulator layout) into a swizzled P tile.
+template <class TP>
+__device__ __forceinline__ void store_p(const TP& rP, float scale0, float scale1, uint32_t dst,
+                                        int row_in_wg, int lane) {
+  CUTE_UNROLL
+  for (int e = 0; e < cute::size(rP); e += 2) {
+    const float s = (e / 2) % 2 ? scale1 : scale0;
+    const int r = row_in_wg + 8 * ((e / 2) % 2);
+    const int col = 8 * (e / 4) + 2 * (lane % 4);
+    const uint32_t off = r * 64 + (((col >> 3) ^ (r & 7)) << 3) + (col & 7);
+    asm volatile("st.shared.u32 [%0], %1;\n" ::"r"(dst + 2 * off),
+                 "r"(pack_bf16x2(rP(e) * s, rP(e + 1) * s))
+                 : "memory");
+  }
 }
 
 // ---- the kernel ----------------------------------------------------------------------------
@@ -324,8 +496,6 @@ template <Mode kMode>
 __global__ void __launch_bounds__(kThreads, 1)
     sparse_mla_fwd_kernel(const __grid_constant__ Problem p) {
   using namespace cute;
-  constexpr bool kFp8 = kMode == Mode::kDecodeFp8;
-  constexpr int kRowBytes = kMode == Mode::kDecodeFp8 ? kMlaFp8RowBytes : kMlaDimQK * 2;
   constexpr float kNegInf = -__builtin_huge_valf();
 
   extern __shared__ __align__(1024) uint8_t smem_raw[];
@@ -340,229 +510,248 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int split = int(bid % p.splits);
   bid /= p.splits;
   const int head0 = int(bid % p.head_groups) * kHeadsPerCta;
-  const int64_t row = bid / p.head_groups;
+  const int64_t qrow = bid / p.head_groups;
   const int heads = min(kHeadsPerCta, p.Hq - head0);
   const int tile0 = split * p.tiles_per_split;
   const int n_tiles = min(p.tiles_per_split, (p.topk + kBlockKeys - 1) / kBlockKeys - tile0);
   const int64_t key0 = int64_t(tile0) * kBlockKeys;
+  const int n_pairs = (n_tiles + 1) / 2;
 
-  const uint32_t smem_q = cute::cast_smem_ptr_to_uint(ss.q);
-  const uint32_t smem_kv0 = cute::cast_smem_ptr_to_uint(ss.kv[0]);
-  constexpr uint32_t kTileBytes = kTileElems * 2;
-  const uint32_t smem_p = cute::cast_smem_ptr_to_uint(ss.p);
+  if (tid == 0) {
+    using cutlass::arch::ClusterBarrier;
+    ClusterBarrier::init(&ss.q_ready, kProducerThreads);
+    for (int b = 0; b < 2; ++b) {
+      for (int h = 0; h < 2; ++h) {
+        ClusterBarrier::init(&ss.ready[b][h], kProducerThreads);
+        ClusterBarrier::init(&ss.freed[b][h], 128);
+      }
+      ClusterBarrier::init(&ss.valid_ready[b], 2);  // lane 0 of the two warps resolving buffer b
+    }
+    cutlass::arch::fence_barrier_init();
+  }
+  __syncthreads();
 
-  // -- prologue: rows of tiles 0 and 1, the resolution pipeline, Q and tile 0 --
-  int idx_a = -1, page_a = -1, idx_b = -1;  // tile i + 2: index, page; tile i + 3: index
-  if (tid < kBlockKeys) {
-#pragma unroll
-    for (int s = 0; s < 2; ++s) {
-      const int idx = s < n_tiles ? load_index(p, row, key0 + s * kBlockKeys + tid) : -1;
-      const int64_t r = resolve_row<kMode>(p, idx, load_page<kMode>(p, row, idx));
-      ss.meta[s][tid] = r;
-      if (s == 1 && r >= 0) prefetch_l2<kRowBytes>(p.kv + r * kRowBytes);
-      const uint32_t bits = __ballot_sync(0xFFFFFFFFu, r >= 0);
-      if (lane == 0) ss.valid[s][warp] = bits;
-    }
-    idx_a = 2 < n_tiles ? load_index(p, row, key0 + 2 * kBlockKeys + tid) : -1;
-    page_a = load_page<kMode>(p, row, idx_a);
-    idx_b = 3 < n_tiles ? load_index(p, row, key0 + 3 * kBlockKeys + tid) : -1;
+  if (wg == 2) {
+    cutlass::arch::warpgroup_reg_dealloc<kProducerRegs>();
+    producer<kMode>(p, ss, qrow, head0, heads, key0, n_tiles, t);
+    return;
   }
-  {
-    const uint8_t* q_rows =
-        reinterpret_cast<const uint8_t*>(p.q + (row * p.Hq + head0) * kMlaDimQK);
-#pragma unroll 6
-    for (int i = 0; i < kTileChunksPerThread; ++i) {
-      const int e = tid + kThreads * i;
-      const int r = e / kRowChunks;
-      const int c = e - r * kRowChunks;
-      load_chunk_or_zero(smem_q + 2 * tile_chunk_offset(r, c),
-                         q_rows + int64_t(r) * (kMlaDimQK * 2) + c * 16, r < heads);
-    }
-  }
-  __syncthreads();  // meta of tiles 0, 1
-  Fp8Half st;  // FP8: the half tile in flight (see Fp8Half)
-  if constexpr (kFp8) {
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      load_fp8_half(st, p.kv, ss.meta[0], h, tid);
-      store_fp8_half(st, smem_kv0, h, tid);
-    }
-    if (1 < n_tiles) load_fp8_half(st, p.kv, ss.meta[1], 0, tid);
-  } else {
-    gather_bf16_tile(smem_kv0, p.kv, kRowBytes, ss.meta[0], tid);
-  }
-  cp_async_fence();
+  cutlass::arch::warpgroup_reg_alloc<kMathRegs>();
 
   TiledMmaS mma_s;
-  TiledMmaO mma_o;
+  TiledMmaOwnP mma_own;
+  TiledMmaPeerP mma_peer;
   auto thr_s = mma_s.get_thread_slice(t);
-  auto thr_o = mma_o.get_thread_slice(t);
-  Tensor sQ = make_tensor(make_smem_ptr(reinterpret_cast<bf16*>(ss.q)), SmemLayoutQ{});
-  Tensor sP = make_tensor(make_smem_ptr(reinterpret_cast<bf16*>(ss.p)), SmemLayoutP{});
-  Tensor tSrQ = thr_s.partition_fragment_A(sQ);
-  Tensor tOrP = thr_o.partition_fragment_A(sP);
-  Tensor tOrO = partition_fragment_C(mma_o, Shape<_64, Int<kVColsPerWg>>{});
-  clear(tOrO);
+  auto thr_own = mma_own.get_thread_slice(t);
+  auto thr_peer = mma_peer.get_thread_slice(t);
+  // Operand descriptors are rebuilt at each use from an opaque pointer: hoisted out of the loop,
+  // the 84 64-bit descriptors of Q, K, V and P would hold registers the accumulators need.
+  bf16* const q_ptr = reinterpret_cast<bf16*>(ss.q);
+  // S of this warpgroup's tiles (buffer wg), and this warpgroup's 256 V columns of both buffers.
+  bf16* const own_buf = reinterpret_cast<bf16*>(ss.kv[wg]);
+  bf16* const peer_buf = reinterpret_cast<bf16*>(ss.kv[wg ^ 1]);
+  bf16* const p_even = reinterpret_cast<bf16*>(ss.kv[0]) + kRopeBlock * kBlockElems;
+  bf16* const p_odd = reinterpret_cast<bf16*>(ss.p_odd);
+  bf16* const peer_p = wg == 0 ? p_odd : p_even;
+  auto frag_q = [&] {
+    return thr_s.partition_fragment_A(make_tensor(make_smem_ptr(opaque(q_ptr)), SmemLayoutQ{}));
+  };
+  auto frag_k = [&] {
+    return thr_s.partition_fragment_B(make_tensor(make_smem_ptr(opaque(own_buf)), SmemLayoutK{}));
+  };
+  auto frag_v = [&](auto& thr, bf16* buf) {
+    return thr.partition_fragment_B(local_tile(make_tensor(make_smem_ptr(opaque(buf)), SmemLayoutVt{}),
+                                               Shape<Int<kVColsPerWg>, _64>{}, make_coord(wg, _0{})));
+  };
+  auto frag_peer_p = [&] {
+    return thr_peer.partition_fragment_A(make_tensor(make_smem_ptr(opaque(peer_p)), SmemLayoutP{}));
+  };
+  const uint32_t smem_p_own = cute::cast_smem_ptr_to_uint(wg == 0 ? p_even : p_odd);
+
+  Tensor rS = partition_fragment_C(mma_s, Shape<_64, _64>{});  // S, then P in fp32
+  Tensor rP = make_tensor<bf16>(partition_shape_A(mma_own, Shape<_64, _64>{}));
+  Tensor rO = partition_fragment_C(mma_own, Shape<_64, Int<kVColsPerWg>>{});
+  clear(rO);
 
   // Accumulator element e of a thread: row 16 * (warp % 4) + lane / 4 + 8 * ((e / 2) % 2),
-  // column 8 * (e / 4) + 2 * (lane % 4) + e % 2 (CuTe's SM90 64xN C layout).
+  // column 8 * (e / 4) + 2 * (lane % 4) + e % 2 (CuTe's SM90 64xN C layout; the A-operand
+  // register layout of the P V wgmma has the same element order, so P converts element-wise).
   const int row_in_wg = 16 * (warp % 4) + lane / 4;
   const float scale_log2 = p.sm_scale * 1.4426950408889634f;
-  float m_run[2] = {kNegInf, kNegInf};
-  float l_run[2] = {0.0f, 0.0f};
+  float m_run[2] = {kNegInf, kNegInf};  // raw-score row max that O and l are relative to
+  float l_run[2] = {0.0f, 0.0f};        // this warpgroup's tiles only, same reference
 
-  for (int i = 0; i < n_tiles; ++i) {
-    const int buf = i & 1;
-    cp_async_wait<0>();
-    cutlass::arch::fence_view_async_shared();  // cp.async / st.shared writes -> wgmma reads
-    __syncthreads();
-
-    // S = Q K^T for this warpgroup's 32 keys (asynchronous).
-    Tensor sK = make_tensor(make_smem_ptr(reinterpret_cast<bf16*>(ss.kv[buf])), SmemLayoutK{});
-    Tensor sKg = local_tile(sK, Shape<Int<kKeysPerWg>, Int<kMlaDimQK>>{}, make_coord(wg, _0{}));
-    Tensor tSrK = thr_s.partition_fragment_B(sKg);
-    Tensor tSrS = partition_fragment_C(mma_s, Shape<_64, Int<kKeysPerWg>>{});
-    warpgroup_fence_operand(tSrS);
-    warpgroup_arrive();
-    mma_s.accumulate_ = GMMA::ScaleOut::Zero;
-    CUTE_UNROLL
-    for (int k = 0; k < size<2>(tSrQ); ++k) {
-      cute::gemm(mma_s, tSrQ(_, _, k), tSrK(_, _, k), tSrS);
-      mma_s.accumulate_ = GMMA::ScaleOut::One;
-    }
-    warpgroup_commit_batch();
-
-    // Tile i + 1 into the other buffer (its last reader, P V of tile i - 1, is done). bf16: the
-    // whole gather; FP8: store half 0 (loaded during P V of tile i - 1), load half 1.
-    if (i + 1 < n_tiles) {
-      if constexpr (kFp8) {
-        store_fp8_half(st, smem_kv0 + (buf ^ 1) * kTileBytes, 0, tid);
-        load_fp8_half(st, p.kv, ss.meta[(i + 1) % kMetaStages], 1, tid);
-      } else {
-        gather_bf16_tile(smem_kv0 + (buf ^ 1) * kTileBytes, p.kv, kRowBytes,
-                         ss.meta[(i + 1) % kMetaStages], tid);
-      }
-    }
-    if constexpr (!kFp8) cp_async_fence();
-    // Resolve tile i + 2 (its meta slot last served tile i - 1, finished before the barrier).
-    if (tid < kBlockKeys) {
-      if (i + 2 < n_tiles) {
-        const int s = (i + 2) % kMetaStages;
-        const int64_t r = resolve_row<kMode>(p, idx_a, page_a);
-        ss.meta[s][tid] = r;
-        // The gather of tile i + 2 is a whole tile away: bring its rows to L2 now.
-        if (r >= 0) prefetch_l2<kRowBytes>(p.kv + r * kRowBytes);
-        const uint32_t bits = __ballot_sync(0xFFFFFFFFu, r >= 0);
-        if (lane == 0) ss.valid[s][warp] = bits;
-      }
-      idx_a = idx_b;
-      page_a = load_page<kMode>(p, row, idx_b);
-      idx_b = i + 4 < n_tiles ? load_index(p, row, key0 + int64_t(i + 4) * kBlockKeys + tid) : -1;
-    }
-
-    warpgroup_wait<0>();
-    warpgroup_fence_operand(tSrS);
-
-    // Mask, row max of this warpgroup's half, exchange.
-    const uint32_t valid = ss.valid[i % kMetaStages][wg];
+  // Masks this warpgroup's S, folds its row max into m_prev and makes P relative to the result
+  // (rS: fp32 P, rP: bf16 P); O and l move to the new reference. Returns nothing: m_run is it.
+  auto softmax_own = [&](const float (&m_prev)[2]) {
+    const uint32_t v0 = ss.valid[wg][0], v1 = ss.valid[wg][1];
     float mx[2] = {kNegInf, kNegInf};
     CUTE_UNROLL
-    for (int e = 0; e < size(tSrS); ++e) {
+    for (int e = 0; e < size(rS); ++e) {
       const int col = 8 * (e / 4) + 2 * (lane % 4) + (e % 2);
-      const float s = (valid >> col) & 1u ? tSrS(e) : kNegInf;
-      tSrS(e) = s;
+      const uint32_t word = e / 4 < 4 ? v0 : v1;
+      const float s = (word >> (col % 32)) & 1u ? rS(e) : kNegInf;
+      rS(e) = s;
       mx[(e / 2) % 2] = fmaxf(mx[(e / 2) % 2], s);
     }
-    CUTE_UNROLL
-    for (int h = 0; h < 2; ++h) {
-      mx[h] = quad_max(mx[h]);
-      if (lane % 4 == 0) ss.row_stat[wg][row_in_wg + 8 * h] = mx[h];
-    }
-    __syncthreads();
     float alpha[2], m_scaled[2];
     CUTE_UNROLL
     for (int h = 0; h < 2; ++h) {
-      const float other = ss.row_stat[wg ^ 1][row_in_wg + 8 * h];
-      // Same operands in both warpgroups (fmaxf is exact and commutative): identical maxima.
-      const float m_new = fmaxf(m_run[h], fmaxf(mx[h], other));
+      const float m_new = fmaxf(m_prev[h], quad_max(mx[h]));
       const float m_use = m_new == kNegInf ? 0.0f : m_new;  // no valid key yet: exp2(-inf) = 0
       alpha[h] = exp2f((m_run[h] - m_use) * scale_log2);
       m_scaled[h] = m_use * scale_log2;
       m_run[h] = m_new;
       l_run[h] *= alpha[h];
     }
-    // P = exp2(S * c - m * c), written to the shared P tile as bf16.
     CUTE_UNROLL
-    for (int e = 0; e < size(tSrS); e += 2) {
+    for (int e = 0; e < size(rS); ++e) {
       const int h = (e / 2) % 2;
-      const float p0 = exp2f(fmaf(tSrS(e), scale_log2, -m_scaled[h]));
-      const float p1 = exp2f(fmaf(tSrS(e + 1), scale_log2, -m_scaled[h]));
-      l_run[h] += p0 + p1;
-      const int r = row_in_wg + 8 * h;
-      const int col = kKeysPerWg * wg + 8 * (e / 4) + 2 * (lane % 4);
-      const uint32_t off = r * 64 + ((((col >> 3) ^ (r & 7))) << 3) + (col & 7);
-      asm volatile("st.shared.u32 [%0], %1;\n" ::"r"(smem_p + 2 * off), "r"(pack_bf16x2(p0, p1))
-                   : "memory");
+      rS(e) = exp2f(fmaf(rS(e), scale_log2, -m_scaled[h]));
+      l_run[h] += rS(e);
+      rP(e) = bf16(rS(e));
     }
     if (__any_sync(0xFFFFFFFFu, alpha[0] != 1.0f || alpha[1] != 1.0f)) {
       CUTE_UNROLL
-      for (int e = 0; e < size(tOrO); ++e) tOrO(e) *= alpha[(e / 2) % 2];
+      for (int e = 0; e < size(rO); ++e) rO(e) *= alpha[(e / 2) % 2];
     }
-    cutlass::arch::fence_view_async_shared();
-    __syncthreads();
-
-    // O[:, 256 wg : 256 wg + 256] += P V (asynchronous); FP8: dequantise tile i + 1 meanwhile.
-    Tensor sVt = make_tensor(make_smem_ptr(reinterpret_cast<bf16*>(ss.kv[buf])), SmemLayoutVt{});
-    Tensor sVg = local_tile(sVt, Shape<Int<kVColsPerWg>, _64>{}, make_coord(wg, _0{}));
-    Tensor tOrV = thr_o.partition_fragment_B(sVg);
-    warpgroup_fence_operand(tOrO);
-    warpgroup_arrive();
-    mma_o.accumulate_ = GMMA::ScaleOut::One;
-    CUTE_UNROLL
-    for (int k = 0; k < size<2>(tOrP); ++k) {
-      cute::gemm(mma_o, tOrP(_, _, k), tOrV(_, _, k), tOrO);
+  };
+  auto publish_max = [&]() {
+    if (lane % 4 == 0) {
+      ss.m_exchange[row_in_wg] = m_run[0];
+      ss.m_exchange[row_in_wg + 8] = m_run[1];
     }
-    warpgroup_commit_batch();
-    if constexpr (kFp8) {
-      // Half 1 of tile i + 1 (loaded during this tile's S), then half 0 of tile i + 2: its rows
-      // were resolved in step i before two barriers.
-      if (i + 1 < n_tiles) store_fp8_half(st, smem_kv0 + (buf ^ 1) * kTileBytes, 1, tid);
-      if (i + 2 < n_tiles) load_fp8_half(st, p.kv, ss.meta[(i + 2) % kMetaStages], 0, tid);
-    }
+  };
+  auto wait_s = [&]() {
     warpgroup_wait<0>();
-    warpgroup_fence_operand(tOrO);
+    warpgroup_fence_operand(rS);
+  };
+
+  using cutlass::arch::ClusterBarrier;
+  ClusterBarrier::wait(&ss.q_ready, 0);
+  if (wg == 0) {
+    // Even tiles (buffer 0); O columns 0-255. S of the first even tile before the loop, of the
+    // next one at the end of each pair (overlapping the peer P V).
+    if (n_pairs > 0) {
+      ClusterBarrier::wait(&ss.ready[0][0], 0);
+      warpgroup_fence_operand(rS);
+      issue_s<0, 16>(mma_s, frag_q(), frag_k(), rS, true);
+      ClusterBarrier::wait(&ss.ready[0][1], 0);
+      issue_s<16, 36>(mma_s, frag_q(), frag_k(), rS, false);
+      wait_s();
+    }
+    for (int pair = 0; pair < n_pairs; ++pair) {
+      const uint32_t phase = pair & 1;
+      ClusterBarrier::wait(&ss.valid_ready[0], phase);
+      const float m_prev[2] = {m_run[0], m_run[1]};
+      softmax_own(m_prev);
+      publish_max();
+      named_arrive(kMaxEvenReady, kMathThreads);
+      warpgroup_fence_operand(rO);
+      warpgroup_fence_operand(rP);
+      issue_pv(mma_own, rP, frag_v(thr_own, own_buf), rO);
+      warpgroup_wait<0>();
+      warpgroup_fence_operand(rO);
+      ClusterBarrier::arrive(&ss.freed[0][0]);
+
+      // The odd tile's max is the pair's: rescale this tile's P for WG1 and this half of O.
+      named_sync(kMaxOddReady, kMathThreads);
+      float scale[2];
+      CUTE_UNROLL
+      for (int h = 0; h < 2; ++h) {
+        const float m_odd = ss.m_exchange[row_in_wg + 8 * h];
+        const float m_use = m_odd == kNegInf ? 0.0f : m_odd;
+        scale[h] = exp2f((m_run[h] - m_use) * scale_log2);
+        m_run[h] = m_odd;
+        l_run[h] *= scale[h];
+      }
+      store_p(rS, scale[0], scale[1], smem_p_own, row_in_wg, lane);
+      cutlass::arch::fence_view_async_shared();
+      named_arrive(kPEvenReady, kMathThreads);
+      CUTE_UNROLL
+      for (int e = 0; e < size(rO); ++e) rO(e) *= scale[(e / 2) % 2];
+      named_sync(kPOddReady, kMathThreads);
+      warpgroup_fence_operand(rO);
+      issue_pv(mma_peer, frag_peer_p(), frag_v(thr_peer, peer_buf), rO);
+      if (pair + 1 < n_pairs) {
+        // The next even tile's S overlaps the peer P V; buffer 1 half 0 is free once that is done.
+        ClusterBarrier::wait(&ss.ready[0][0], phase ^ 1);
+        warpgroup_fence_operand(rS);
+        issue_s<0, 16>(mma_s, frag_q(), frag_k(), rS, true);
+        warpgroup_wait<1>();
+        ClusterBarrier::arrive(&ss.freed[1][0]);
+        ClusterBarrier::wait(&ss.ready[0][1], phase ^ 1);
+        issue_s<16, 36>(mma_s, frag_q(), frag_k(), rS, false);
+        wait_s();
+      } else {
+        warpgroup_wait<0>();
+        ClusterBarrier::arrive(&ss.freed[1][0]);
+      }
+      warpgroup_fence_operand(rO);
+    }
+  } else {
+    // Odd tiles (buffer 1); O columns 256-511.
+    for (int pair = 0; pair < n_pairs; ++pair) {
+      const uint32_t phase = pair & 1;
+      ClusterBarrier::wait(&ss.ready[1][1], phase);
+      warpgroup_fence_operand(rS);
+      issue_s<16, 36>(mma_s, frag_q(), frag_k(), rS, true);
+      ClusterBarrier::wait(&ss.ready[1][0], phase);
+      issue_s<0, 16>(mma_s, frag_q(), frag_k(), rS, false);
+      wait_s();
+      ClusterBarrier::wait(&ss.valid_ready[1], phase);
+      named_sync(kMaxEvenReady, kMathThreads);
+      float m_prev[2];
+      CUTE_UNROLL
+      for (int h = 0; h < 2; ++h) m_prev[h] = ss.m_exchange[row_in_wg + 8 * h];
+      softmax_own(m_prev);
+      publish_max();
+      named_arrive(kMaxOddReady, kMathThreads);
+      warpgroup_fence_operand(rO);
+      warpgroup_fence_operand(rP);
+      issue_pv(mma_own, rP, frag_v(thr_own, own_buf), rO);
+      store_p(rS, 1.0f, 1.0f, smem_p_own, row_in_wg, lane);
+      named_sync(kPEvenReady, kMathThreads);
+      issue_pv(mma_peer, frag_peer_p(), frag_v(thr_peer, peer_buf), rO);
+      cutlass::arch::fence_view_async_shared();
+      named_arrive(kPOddReady, kMathThreads);
+      warpgroup_wait<1>();
+      ClusterBarrier::arrive(&ss.freed[1][1]);
+      warpgroup_wait<0>();
+      warpgroup_fence_operand(rO);
+      ClusterBarrier::arrive(&ss.freed[0][1]);
+    }
   }
 
-  // -- epilogue: row sums over both halves, normalise, store --
+  // -- epilogue: row sums over both warpgroups, normalise, store --
   CUTE_UNROLL
   for (int h = 0; h < 2; ++h) {
     l_run[h] = quad_sum(l_run[h]);
-    if (lane % 4 == 0) ss.row_stat[wg][row_in_wg + 8 * h] = l_run[h];
+    if (lane % 4 == 0) ss.l_exchange[wg][row_in_wg + 8 * h] = l_run[h];
   }
-  __syncthreads();
+  named_sync(kRowSums, kMathThreads);
   const int64_t rows_heads = p.rows * p.Hq;
   CUTE_UNROLL
   for (int h = 0; h < 2; ++h) {
     const int r = row_in_wg + 8 * h;
     if (r >= heads) continue;
-    const float l = ss.row_stat[0][r] + ss.row_stat[1][r];  // same order in both warpgroups
+    const float l = ss.l_exchange[0][r] + ss.l_exchange[1][r];  // same order in both warpgroups
     const float inv = l > 0.0f ? 1.0f / l : 0.0f;
     const float lse = l > 0.0f ? m_run[h] * p.sm_scale + logf(l) : kNegInf;
-    const int64_t rh = row * p.Hq + head0 + r;
+    const int64_t rh = qrow * p.Hq + head0 + r;
     if (p.splits == 1) {
       uint16_t* o = p.out + rh * kMlaDimLatent + kVColsPerWg * wg + 2 * (lane % 4);
       CUTE_UNROLL
-      for (int e = 2 * h; e < size(tOrO); e += 4) {
-        *reinterpret_cast<uint32_t*>(o + 8 * (e / 4)) =
-            pack_bf16x2(tOrO(e) * inv, tOrO(e + 1) * inv);
+      for (int e = 2 * h; e < size(rO); e += 4) {
+        *reinterpret_cast<uint32_t*>(o + 8 * (e / 4)) = pack_bf16x2(rO(e) * inv, rO(e + 1) * inv);
       }
       if (wg == 0 && lane % 4 == 0) p.lse[rh] = lse;
     } else {
       const int64_t prh = split * rows_heads + rh;
       float* o = p.o_part + prh * kMlaDimLatent + kVColsPerWg * wg + 2 * (lane % 4);
       CUTE_UNROLL
-      for (int e = 2 * h; e < size(tOrO); e += 4) {
-        *reinterpret_cast<float2*>(o + 8 * (e / 4)) = make_float2(tOrO(e) * inv, tOrO(e + 1) * inv);
+      for (int e = 2 * h; e < size(rO); e += 4) {
+        *reinterpret_cast<float2*>(o + 8 * (e / 4)) = make_float2(rO(e) * inv, rO(e + 1) * inv);
       }
       if (wg == 0 && lane % 4 == 0) p.lse_part[prh] = lse;
     }
