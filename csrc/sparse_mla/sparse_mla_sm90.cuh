@@ -68,6 +68,8 @@ constexpr int kVColsPerWg = kMlaDimLatent / 2;
 constexpr int kMathThreads = 256;    // two math warpgroups
 constexpr int kProducerThreads = 128;
 constexpr int kThreads = kMathThreads + kProducerThreads;
+// Registers per thread after setmaxnreg: the block starts with 168 each (384 x 168 <= 64K), and
+// the increase must be covered by what the producer gives back.
 constexpr int kMathRegs = 216;
 constexpr int kProducerRegs = 72;
 static_assert(kMathThreads * kMathRegs + kProducerThreads * kProducerRegs <= 168 * kThreads,
@@ -145,16 +147,22 @@ enum NamedBarrierId : uint32_t {
   kMaxOddReady = 2,   // WG1 -> WG0: running max after the odd tile
   kPEvenReady = 3,    // WG0 -> WG1: P of the even tile in smem
   kPOddReady = 4,     // WG1 -> WG0: P of the odd tile in smem
-  kRowsReady = 5,     // producer warpgroup: this pair's row ids in smem
+  kProducerSync = 5,  // producer warpgroup: row ids written, FP8 staging landed / read
   kRowSums = 6,       // epilogue: both warpgroups' row sums in smem
 };
 
-// The same pointer, but the compiler may not assume so (keeps address arithmetic at its use).
+// The same value, but the compiler may not assume so: address arithmetic derived from it stays at
+// its use instead of being hoisted out of a loop into registers (and spilled).
 template <class T>
 __device__ __forceinline__ T* opaque(T* ptr) {
   uint64_t v = reinterpret_cast<uint64_t>(ptr);
   asm volatile("" : "+l"(v));
   return reinterpret_cast<T*>(v);
+}
+
+__device__ __forceinline__ int opaque(int v) {
+  asm volatile("" : "+r"(v));
+  return v;
 }
 
 __device__ __forceinline__ void named_sync(uint32_t id, uint32_t threads) {
@@ -312,57 +320,88 @@ __device__ __forceinline__ void copy_bf16_half(uint32_t dst_tile, const uint8_t*
   }
 }
 
-// FP8 rows pass through registers: latent dims [256 h, 256 h + 256) as 16 chunks of 16 e4m3 per
-// row (thread pt: chunk pt % 16 of rows pt / 16 + 8 i, with that chunk's scale), and for h = 1
-// the 64 bf16 RoPE dims (chunk pt % 8 of rows pt / 8 + 16 i). Loaded before the producer waits for
-// the buffer half to be free, stored (dequantised) after.
-struct Fp8Half {
-  uint4 lat[8];
-  float scale[8];
-  uint4 rope[4];
+// FP8 rows are staged in smem before dequantisation, inside the bf16 region of the very half they
+// become (no other smem is left): the raw e4m3 of the half's 256 latent dims (64 rows x 256 B,
+// row-major) in its last two column blocks, the rows' four fp32 scales (16 B) at the start of the
+// block before. cp.async fetches them as soon as the half is free; once they have landed every
+// producer thread reads its share into registers (16 e4m3 of chunk pt % 16 of rows pt / 16 + 8 i,
+// and their scale), a producer barrier, then all write bf16 over the staging area.
+template <int kHalf>
+struct Fp8Staging {
+  static constexpr uint32_t kRawBytes = (kHalf == 0 ? 2 : 6) * kBlockElems * 2;
+  static constexpr uint32_t kScaleBytes = kRawBytes - kBlockElems * 2;
 };
 
 template <int kHalf>
-__device__ __forceinline__ void load_fp8_half(Fp8Half& st, const uint8_t* kv, const int64_t* rows,
-                                              int pt) {
-  const int c = pt % 16;
-#pragma unroll
-  for (int i = 0; i < 8; ++i) {
-    const int64_t row = rows[pt / 16 + 8 * i];
-    const uint8_t* src = kv + row * kMlaFp8RowBytes;
-    st.lat[i] = row >= 0 ? ld_nc_v4(src + 256 * kHalf + 16 * c) : make_uint4(0, 0, 0, 0);
-    st.scale[i] = row >= 0 ? ld_nc_f32(src + kFp8ScalesOffset + 4 * (2 * kHalf + c / 8)) : 0.0f;
-  }
-  if constexpr (kHalf == 1) {
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const int64_t row = rows[pt / 8 + 16 * i];
-      st.rope[i] = row >= 0 ? ld_nc_v4(kv + row * kMlaFp8RowBytes + kFp8RopeOffset + 16 * (pt % 8))
-                            : make_uint4(0, 0, 0, 0);
-    }
-  }
-}
-
-template <int kHalf>
-__device__ __forceinline__ void store_fp8_half(const Fp8Half& st, uint32_t dst_tile, int pt) {
+__device__ __forceinline__ void stage_fp8_half(uint32_t dst_tile, const uint8_t* kv,
+                                               const int64_t* rows, const void* fallback, int pt) {
   const int c = pt % 16;
 #pragma unroll
   for (int i = 0; i < 8; ++i) {
     const int r = pt / 16 + 8 * i;
-    const uint2 a = dequant4(st.lat[i].x, st.scale[i]);
-    const uint2 b = dequant4(st.lat[i].y, st.scale[i]);
-    const uint2 d = dequant4(st.lat[i].z, st.scale[i]);
-    const uint2 e = dequant4(st.lat[i].w, st.scale[i]);
+    const int64_t row = rows[r];
+    cp_async_16_or_zero(dst_tile + Fp8Staging<kHalf>::kRawBytes + r * 256 + c * 16,
+                        kv + (row >= 0 ? row : 0) * kMlaFp8RowBytes + 256 * kHalf + 16 * c,
+                        fallback, row >= 0);
+  }
+  if (pt < kBlockKeys) {
+    const int64_t row = rows[pt];
+    cp_async_16_or_zero(dst_tile + Fp8Staging<kHalf>::kScaleBytes + pt * 16,
+                        kv + (row >= 0 ? row : 0) * kMlaFp8RowBytes + kFp8ScalesOffset, fallback,
+                        row >= 0);
+  }
+}
+
+__device__ __forceinline__ uint4 ld_shared_v4(uint32_t addr) {
+  uint4 v;
+  asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "r"(addr));
+  return v;
+}
+
+__device__ __forceinline__ float ld_shared_f32(uint32_t addr) {
+  float v;
+  asm volatile("ld.shared.f32 %0, [%1];\n" : "=f"(v) : "r"(addr));
+  return v;
+}
+
+// Called by all producer threads once the staged bytes of every thread have landed.
+template <int kHalf>
+__device__ __forceinline__ void dequant_fp8_half(uint32_t dst_tile, int pt, uint32_t barrier) {
+  const int c = pt % 16;
+  uint4 lat[8];
+  float scale[8];
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    const int r = pt / 16 + 8 * i;
+    lat[i] = ld_shared_v4(dst_tile + Fp8Staging<kHalf>::kRawBytes + r * 256 + c * 16);
+    scale[i] = ld_shared_f32(dst_tile + Fp8Staging<kHalf>::kScaleBytes + r * 16 + 4 * (2 * kHalf + c / 8));
+  }
+  named_sync(barrier, kProducerThreads);  // all staged bytes read before any is overwritten
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    const int r = pt / 16 + 8 * i;
+    const uint2 a = dequant4(lat[i].x, scale[i]);
+    const uint2 b = dequant4(lat[i].y, scale[i]);
+    const uint2 d = dequant4(lat[i].z, scale[i]);
+    const uint2 e = dequant4(lat[i].w, scale[i]);
     const int chunk = 32 * kHalf + 2 * c;  // 8 bf16 per 16-byte chunk
     st_shared_v4(dst_tile + 2 * tile_chunk_offset(r, chunk), make_uint4(a.x, a.y, b.x, b.y));
     st_shared_v4(dst_tile + 2 * tile_chunk_offset(r, chunk + 1), make_uint4(d.x, d.y, e.x, e.y));
   }
-  if constexpr (kHalf == 1) {
+}
+
+// The 64 RoPE dims (bf16) of the 64 FP8 rows: chunk pt % 8 of rows pt / 8 + 16 i.
+__device__ __forceinline__ void copy_fp8_rope(uint32_t dst_tile, const uint8_t* kv,
+                                              const int64_t* rows, const void* fallback, int pt) {
 #pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      st_shared_v4(dst_tile + 2 * tile_chunk_offset(pt / 8 + 16 * i, kMlaDimLatent / 8 + pt % 8),
-                   st.rope[i]);
-    }
+  for (int i = 0; i < 4; ++i) {
+    const int r = pt / 8 + 16 * i;
+    const int64_t row = rows[r];
+    const uint8_t* src = kv + (row >= 0 ? row : 0) * kMlaFp8RowBytes + kFp8RopeOffset;
+    cp_async_16_or_zero(dst_tile + 2 * tile_chunk_offset(r, kMlaDimLatent / 8 + pt % 8),
+                        src + 16 * (pt % 8), fallback, row >= 0);
   }
 }
 
@@ -402,7 +441,6 @@ __device__ __forceinline__ void producer(const Problem& p, SharedStorage& ss, in
   const uint32_t smem_kv0 = cute::cast_smem_ptr_to_uint(ss.kv[0]);
   constexpr uint32_t kTileBytes = kTileElems * 2;
   const int n_pairs = (n_tiles + 1) / 2;
-  Fp8Half st;
 
   for (int pair = 0; pair < n_pairs; ++pair) {
     const int slot = pair & 1;
@@ -414,7 +452,7 @@ __device__ __forceinline__ void producer(const Problem& p, SharedStorage& ss, in
     page_cur = load_page<kMode>(p, qrow, idx_next);
     idx_cur = idx_next;
     idx_next = index_of(pair + 2);
-    named_sync(kRowsReady, kProducerThreads);
+    named_sync(kProducerSync, kProducerThreads);
 
     // The valid words of buffer b are rewritten only after its first reader freed half 0 / 1.
     auto publish_valid = [&](int b) {
@@ -423,28 +461,49 @@ __device__ __forceinline__ void producer(const Problem& p, SharedStorage& ss, in
         cutlass::arch::ClusterBarrier::arrive(&ss.valid_ready[b]);
       }
     };
-    auto fill = [&](auto half_tag, int b) {
-      constexpr int kHalf = decltype(half_tag)::value;
-      const int64_t* rows = ss.rows[slot][b];
-      const uint32_t dst = smem_kv0 + b * kTileBytes;
-      if constexpr (kFp8) load_fp8_half<kHalf>(st, p.kv, rows, pt);
-      cutlass::arch::ClusterBarrier::wait(&ss.freed[b][kHalf], free_phase);
-      if (kHalf == (b == 0 ? 0 : 1)) publish_valid(b);
-      if constexpr (kFp8) {
-        store_fp8_half<kHalf>(st, dst, pt);
-        cutlass::arch::fence_view_async_shared();  // st.shared -> the wgmma (async proxy) reads
-        cutlass::arch::ClusterBarrier::arrive(&ss.ready[b][kHalf]);
-      } else {
-        copy_bf16_half<kHalf>(dst, p.kv, kRowBytes, rows, fallback, pt);
-        cutlass::arch::cpasync_barrier_arrive_noinc(&ss.ready[b][kHalf]);
-      }
-    };
     // The order the math warpgroups release them: WG0 frees buffer 0 half 0 after its own P V,
     // WG1 buffer 1 half 1 after its own, then each the other's buffer after the peer P V.
-    fill(cute::Int<0>{}, 0);
-    fill(cute::Int<1>{}, 1);
-    fill(cute::Int<1>{}, 0);
-    fill(cute::Int<0>{}, 1);
+    constexpr int kFillBuffer[4] = {0, 1, 0, 1};
+    constexpr int kFillHalf[4] = {0, 1, 1, 0};
+    if constexpr (kFp8) {
+      // Recomputed per pair (see opaque()): hoisted, its ~100 smem addresses would be spilled.
+      const int pt_pair = opaque(pt);
+      // Fill f + 1 is staged (its half freed, its cp.asyncs in flight) before fill f is
+      // dequantised, so each half's fetch latency overlaps the wait for the next free half.
+      auto stage = [&](auto f) {
+        constexpr int b = kFillBuffer[f], h = kFillHalf[f];
+        const uint32_t dst = smem_kv0 + b * kTileBytes;
+        cutlass::arch::ClusterBarrier::wait(&ss.freed[b][h], free_phase);
+        if (h == b) publish_valid(b);
+        stage_fp8_half<h>(dst, p.kv, ss.rows[slot][b], fallback, pt_pair);
+        if constexpr (h == 1) copy_fp8_rope(dst, p.kv, ss.rows[slot][b], fallback, pt_pair);
+        cute::cp_async_fence();
+      };
+      stage(cute::Int<0>{});
+      cute::for_each(cute::make_int_sequence<4>{}, [&](auto f) {
+        constexpr int b = kFillBuffer[f], h = kFillHalf[f];
+        if constexpr (f + 1 < 4) {
+          stage(cute::Int<f + 1>{});
+          cute::cp_async_wait<1>();
+        } else {
+          cute::cp_async_wait<0>();
+        }
+        named_sync(kProducerSync, kProducerThreads);  // every thread's staged bytes have landed
+        const uint32_t dst = smem_kv0 + b * kTileBytes;
+        dequant_fp8_half<h>(dst, pt_pair, kProducerSync);
+        cutlass::arch::fence_view_async_shared();  // st.shared / cp.async -> wgmma (async proxy)
+        cutlass::arch::ClusterBarrier::arrive(&ss.ready[b][h]);
+      });
+    } else {
+      cute::for_each(cute::make_int_sequence<4>{}, [&](auto f) {
+        constexpr int b = kFillBuffer[f], h = kFillHalf[f];
+        cutlass::arch::ClusterBarrier::wait(&ss.freed[b][h], free_phase);
+        if (h == b) publish_valid(b);
+        copy_bf16_half<h>(smem_kv0 + b * kTileBytes, p.kv, kRowBytes, ss.rows[slot][b], fallback,
+                          pt);
+        cutlass::arch::cpasync_barrier_arrive_noinc(&ss.ready[b][h]);
+      });
+    }
   }
   cute::cp_async_wait<0>();
 }
@@ -668,8 +727,10 @@ __global__ void __launch_bounds__(kThreads, 1)
       store_p(rS, scale[0], scale[1], smem_p_own, row_in_wg, lane);
       cutlass::arch::fence_view_async_shared();
       named_arrive(kPEvenReady, kMathThreads);
-      CUTE_UNROLL
-      for (int e = 0; e < size(rO); ++e) rO(e) *= scale[(e / 2) % 2];
+      if (__any_sync(0xFFFFFFFFu, scale[0] != 1.0f || scale[1] != 1.0f)) {
+        CUTE_UNROLL
+        for (int e = 0; e < size(rO); ++e) rO(e) *= scale[(e / 2) % 2];
+      }
       named_sync(kPOddReady, kMathThreads);
       warpgroup_fence_operand(rO);
       issue_pv(mma_peer, frag_peer_p(), frag_v(thr_peer, peer_buf), rO);
