@@ -212,15 +212,6 @@ __device__ __forceinline__ void cp_async_16_or_zero(uint32_t dst, const void* sr
                : "memory");
 }
 
-// Pulls the 128-byte lines of [p, p + bytes) into L2 (a hint: no smem, no wait, no fault).
-template <int64_t kBytes>
-__device__ __forceinline__ void prefetch_l2(const uint8_t* p) {
-#pragma unroll
-  for (int64_t off = 0; off < kBytes + 127; off += 128) {
-    asm volatile("prefetch.global.L2 [%0];\n" ::"l"(p + (off < kBytes ? off : kBytes - 1)));
-  }
-}
-
 __device__ __forceinline__ uint4 ld_nc_v4(const void* p) {
   uint4 v;
   asm volatile("ld.global.nc.v4.u32 {%0, %1, %2, %3}, [%4];\n"
@@ -444,30 +435,23 @@ __device__ __forceinline__ void producer(const Problem& p, SharedStorage& ss, in
     const int tile = 2 * pair + buf;
     return tile < n_tiles ? load_index(p, qrow, key0 + int64_t(tile) * kBlockKeys + key) : -1;
   };
-  // Rows are resolved a pair ahead and pulled into L2 then: the halves freed last in a pair (the
-  // other warpgroup's V columns) are refilled at the pair boundary, with both math warpgroups
-  // waiting, so their fetch should come from L2, not HBM.
-  const int idx0 = index_of(0);
-  int64_t row_cur = resolve_row<kMode>(p, idx0, load_page<kMode>(p, qrow, idx0));
+  int idx_cur = index_of(0);
+  int page_cur = load_page<kMode>(p, qrow, idx_cur);
   int idx_next = index_of(1);
-  int page_next = load_page<kMode>(p, qrow, idx_next);
-  int idx_after = index_of(2);
   const uint32_t smem_kv0 = cute::cast_smem_ptr_to_uint(ss.kv[0]);
   constexpr uint32_t kTileBytes = kTileElems * 2;
   const int n_pairs = (n_tiles + 1) / 2;
-  if (row_cur >= 0) prefetch_l2<kRowBytes>(p.kv + row_cur * kRowBytes);
 
   for (int pair = 0; pair < n_pairs; ++pair) {
     const int slot = pair & 1;
     const uint32_t free_phase = (pair & 1) ^ 1;  // a fresh barrier's previous phase counts as done
+    const int64_t r = resolve_row<kMode>(p, idx_cur, page_cur);
     // Slot `slot` was last read in pair - 2, before every producer thread passed pair - 1's barrier.
-    ss.rows[slot][buf][key] = row_cur;
-    const uint32_t valid_bits = __ballot_sync(0xFFFFFFFFu, row_cur >= 0);
-    row_cur = resolve_row<kMode>(p, idx_next, page_next);  // pair + 1 (loads issued a pair ago)
-    if (row_cur >= 0) prefetch_l2<kRowBytes>(p.kv + row_cur * kRowBytes);
-    page_next = load_page<kMode>(p, qrow, idx_after);
-    idx_next = idx_after;
-    idx_after = index_of(pair + 3);
+    ss.rows[slot][buf][key] = r;
+    const uint32_t valid_bits = __ballot_sync(0xFFFFFFFFu, r >= 0);
+    page_cur = load_page<kMode>(p, qrow, idx_next);
+    idx_cur = idx_next;
+    idx_next = index_of(pair + 2);
     named_sync(kProducerSync, kProducerThreads);
 
     // The valid words of buffer b are rewritten only after its first reader freed half 0 / 1.
