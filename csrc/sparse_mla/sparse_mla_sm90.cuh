@@ -468,8 +468,10 @@ __device__ __forceinline__ void producer(const Problem& p, SharedStorage& ss, in
     if constexpr (kFp8) {
       // Recomputed per pair (see opaque()): hoisted, its ~100 smem addresses would be spilled.
       const int pt_pair = opaque(pt);
-      // Fill f + 1 is staged (its half freed, its cp.asyncs in flight) before fill f is
-      // dequantised, so each half's fetch latency overlaps the wait for the next free half.
+      // Two halves are staged (freed, their cp.asyncs in flight) before either is dequantised, so
+      // one fetch's latency overlaps the other's; the two freed mid-pair (fills 0, 1) are done
+      // before the producer waits for the two freed at the pair's end (2, 3), which leaves only
+      // those on the boundary where both math warpgroups wait.
       auto stage = [&](auto f) {
         constexpr int b = kFillBuffer[f], h = kFillHalf[f];
         const uint32_t dst = smem_kv0 + b * kTileBytes;
@@ -479,21 +481,24 @@ __device__ __forceinline__ void producer(const Problem& p, SharedStorage& ss, in
         if constexpr (h == 1) copy_fp8_rope(dst, p.kv, ss.rows[slot][b], fallback, pt_pair);
         cute::cp_async_fence();
       };
-      stage(cute::Int<0>{});
-      cute::for_each(cute::make_int_sequence<4>{}, [&](auto f) {
+      auto dequant = [&](auto f, auto groups_left) {
         constexpr int b = kFillBuffer[f], h = kFillHalf[f];
-        if constexpr (f + 1 < 4) {
-          stage(cute::Int<f + 1>{});
-          cute::cp_async_wait<1>();
-        } else {
-          cute::cp_async_wait<0>();
-        }
+        cute::cp_async_wait<decltype(groups_left)::value>();
         named_sync(kProducerSync, kProducerThreads);  // every thread's staged bytes have landed
         const uint32_t dst = smem_kv0 + b * kTileBytes;
         dequant_fp8_half<h>(dst, pt_pair, kProducerSync);
         cutlass::arch::fence_view_async_shared();  // st.shared / cp.async -> wgmma (async proxy)
         cutlass::arch::ClusterBarrier::arrive(&ss.ready[b][h]);
-      });
+      };
+      using cute::Int;
+      stage(Int<0>{});
+      stage(Int<1>{});
+      dequant(Int<0>{}, Int<1>{});
+      dequant(Int<1>{}, Int<0>{});
+      stage(Int<2>{});
+      stage(Int<3>{});
+      dequant(Int<2>{}, Int<1>{});
+      dequant(Int<3>{}, Int<0>{});
     } else {
       cute::for_each(cute::make_int_sequence<4>{}, [&](auto f) {
         constexpr int b = kFillBuffer[f], h = kFillHalf[f];
