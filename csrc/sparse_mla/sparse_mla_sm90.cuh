@@ -8,7 +8,7 @@
 //   is half the register file, so Hq = 128 runs as two CTAs per query (launched adjacently: the
 //   second gather of each KV row hits L2), and Hq = 16 / 32 pad the M rows with zero queries that
 //   are never stored.
-// - Three warpgroups, specialised. The producer (80 registers) resolves indices to KV rows and
+// - Three warpgroups, specialised. The producer (72 registers) resolves indices to KV rows and
 //   fills two 64-key tile buffers, half a tile at a time (dims 0-255 and 256-575, each with its own
 //   ready / free mbarrier), so a GEMM can start on one half while the other is still arriving. The
 //   two math warpgroups (216 registers) take alternate tiles (even tiles live in buffer 0, odd in
@@ -25,8 +25,12 @@
 // - The KV tile is stored once, row-major [key][576] in 128-byte-swizzled 8x64 atoms; the same
 //   bytes are the K-major B operand of Q K^T and the MN-major B operand of P V (V^T view), so
 //   nothing is transposed. bf16 rows arrive by cp.async (zero-filled when masked) tracked by the
-//   mbarriers; FP8 rows (656 B) pass through the producer's registers and are dequantised to bf16
-//   (e4m3 * fp32 scale, rounded to bf16) into the same layout.
+//   mbarriers; FP8 rows (656 B) are staged raw by cp.async inside the bf16 region of the half they
+//   become and dequantised there by the producer (e4m3 * fp32 scale, rounded to bf16).
+// - The handoffs between warpgroups are mbarriers (producer <-> math) and named barriers that one
+//   side arrives at and the other waits on (bar.arrive / bar.sync, WG0 <-> WG1). racecheck reports
+//   hazards across the latter (see bench/NOTES.md): every reported pair is ordered by such a
+//   handoff.
 // - Masked keys (-1, out of [0, N), positions past the block table or pages outside the cache,
 //   the tail past topk, the missing odd tile of an odd tile count) become zero rows and -inf
 //   scores: nothing outside the tensors is ever read, and 0 * garbage can never make a NaN.
@@ -258,7 +262,7 @@ __device__ __forceinline__ float quad_sum(float v) {
   return v + __shfl_xor_sync(0xFFFFFFFFu, v, 2);
 }
 
-// ---- index resolution (one key per thread of warps 0-1) -----------------------------------
+// ---- index resolution (one key per producer thread) ----------------------------------------
 
 // Index (prefill: KV row; decode: position) of key `key` of query `row`; -1 past topk.
 __device__ __forceinline__ int load_index(const Problem& p, int64_t row, int64_t key) {
