@@ -207,12 +207,29 @@ struct Problem {
 
 // ---- small device helpers ------------------------------------------------------------------
 
+// L2 residency for the gathers: a KV row is read by many queries (and at Hq = 128 by both
+// head-group CTAs of each, launched adjacently), so KV lines are kept (evict_last); a CTA's Q is
+// read once (evict_first).
+__device__ __forceinline__ uint64_t l2_evict_last_policy() {
+  uint64_t policy;
+  asm volatile("createpolicy.fractional.L2::evict_last.b64 %0, 1.0;\n" : "=l"(policy));
+  return policy;
+}
+
+__device__ __forceinline__ uint64_t l2_evict_first_policy() {
+  uint64_t policy;
+  asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(policy));
+  return policy;
+}
+
 // A 16-byte chunk from global memory, or 16 zero bytes when !valid (src-size 0: nothing is read,
-// so a masked row's address is never formed; `fallback` is any valid global address).
+// so a masked row's address is never formed; `fallback` is any valid global address). 256-byte
+// L2 prefetch: the same thread's next chunks of the row are 128 B further.
 __device__ __forceinline__ void cp_async_16_or_zero(uint32_t dst, const void* src,
-                                                    const void* fallback, bool valid) {
-  asm volatile("cp.async.cg.shared.global.L2::128B [%0], [%1], 16, %2;\n" ::"r"(dst),
-               "l"(valid ? src : fallback), "r"(valid ? 16 : 0)
+                                                    const void* fallback, bool valid,
+                                                    uint64_t l2_policy) {
+  asm volatile("cp.async.cg.shared.global.L2::cache_hint.L2::256B [%0], [%1], 16, %2, %3;\n"
+               ::"r"(dst), "l"(valid ? src : fallback), "r"(valid ? 16 : 0), "l"(l2_policy)
                : "memory");
 }
 
@@ -308,7 +325,7 @@ struct TileHalf {
 template <int kHalf>
 __device__ __forceinline__ void copy_bf16_half(uint32_t dst_tile, const uint8_t* kv,
                                                int64_t row_bytes, const int64_t* rows,
-                                               const void* fallback, int pt) {
+                                               const void* fallback, uint64_t l2_policy, int pt) {
   const int c = pt % 8;
 #pragma unroll
   for (int i = 0; i < kBlockKeys / 16; ++i) {
@@ -319,7 +336,7 @@ __device__ __forceinline__ void copy_bf16_half(uint32_t dst_tile, const uint8_t*
     for (int b = TileHalf<kHalf>::kFirst; b < TileHalf<kHalf>::kFirst + TileHalf<kHalf>::kCount;
          ++b) {
       cp_async_16_or_zero(dst_tile + 2 * tile_chunk_offset(r, 8 * b + c), src + b * 128, fallback,
-                          row >= 0);
+                          row >= 0, l2_policy);
     }
   }
 }
@@ -338,7 +355,8 @@ struct Fp8Staging {
 
 template <int kHalf>
 __device__ __forceinline__ void stage_fp8_half(uint32_t dst_tile, const uint8_t* kv,
-                                               const int64_t* rows, const void* fallback, int pt) {
+                                               const int64_t* rows, const void* fallback,
+                                               uint64_t l2_policy, int pt) {
   const int c = pt % 16;
 #pragma unroll
   for (int i = 0; i < 8; ++i) {
@@ -346,13 +364,13 @@ __device__ __forceinline__ void stage_fp8_half(uint32_t dst_tile, const uint8_t*
     const int64_t row = rows[r];
     cp_async_16_or_zero(dst_tile + Fp8Staging<kHalf>::kRawBytes + r * 256 + c * 16,
                         kv + (row >= 0 ? row : 0) * kMlaFp8RowBytes + 256 * kHalf + 16 * c,
-                        fallback, row >= 0);
+                        fallback, row >= 0, l2_policy);
   }
   if (pt < kBlockKeys) {
     const int64_t row = rows[pt];
     cp_async_16_or_zero(dst_tile + Fp8Staging<kHalf>::kScaleBytes + pt * 16,
                         kv + (row >= 0 ? row : 0) * kMlaFp8RowBytes + kFp8ScalesOffset, fallback,
-                        row >= 0);
+                        row >= 0, l2_policy);
   }
 }
 
@@ -380,7 +398,8 @@ __device__ __forceinline__ void dequant_fp8_half(uint32_t dst_tile, int pt, uint
   for (int i = 0; i < 8; ++i) {
     const int r = pt / 16 + 8 * i;
     lat[i] = ld_shared_v4(dst_tile + Fp8Staging<kHalf>::kRawBytes + r * 256 + c * 16);
-    scale[i] = ld_shared_f32(dst_tile + Fp8Staging<kHalf>::kScaleBytes + r * 16 + 4 * (2 * kHalf + c / 8));
+    scale[i] = ld_shared_f32(dst_tile + Fp8Staging<kHalf>::kScaleBytes + r * 16 +
+                             4 * (2 * kHalf + c / 8));
   }
   named_sync(barrier, kProducerThreads);  // all staged bytes read before any is overwritten
 #pragma unroll
@@ -398,14 +417,15 @@ __device__ __forceinline__ void dequant_fp8_half(uint32_t dst_tile, int pt, uint
 
 // The 64 RoPE dims (bf16) of the 64 FP8 rows: chunk pt % 8 of rows pt / 8 + 16 i.
 __device__ __forceinline__ void copy_fp8_rope(uint32_t dst_tile, const uint8_t* kv,
-                                              const int64_t* rows, const void* fallback, int pt) {
+                                              const int64_t* rows, const void* fallback,
+                                              uint64_t l2_policy, int pt) {
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
     const int r = pt / 8 + 16 * i;
     const int64_t row = rows[r];
     const uint8_t* src = kv + (row >= 0 ? row : 0) * kMlaFp8RowBytes + kFp8RopeOffset;
     cp_async_16_or_zero(dst_tile + 2 * tile_chunk_offset(r, kMlaDimLatent / 8 + pt % 8),
-                        src + 16 * (pt % 8), fallback, row >= 0);
+                        src + 16 * (pt % 8), fallback, row >= 0, l2_policy);
   }
 }
 
@@ -423,18 +443,21 @@ __device__ __forceinline__ void producer(const Problem& p, SharedStorage& ss, in
     const uint8_t* q_rows =
         reinterpret_cast<const uint8_t*>(p.q + (qrow * p.Hq + head0) * kMlaDimQK);
     const uint32_t smem_q = cute::cast_smem_ptr_to_uint(ss.q);
+    const uint64_t q_policy = l2_evict_first_policy();
 #pragma unroll 4
     for (int i = 0; i < kHeadsPerCta * kRowChunks / kProducerThreads; ++i) {
       const int e = pt + kProducerThreads * i;
       const int r = e / kRowChunks;
       const int c = e - r * kRowChunks;
       cp_async_16_or_zero(smem_q + 2 * tile_chunk_offset(r, c),
-                          q_rows + int64_t(r) * (kMlaDimQK * 2) + c * 16, fallback, r < heads);
+                          q_rows + int64_t(r) * (kMlaDimQK * 2) + c * 16, fallback, r < heads,
+                          q_policy);
     }
     cutlass::arch::cpasync_barrier_arrive_noinc(&ss.q_ready);
   }
 
   const int buf = pt / kBlockKeys, key = pt % kBlockKeys, warp = pt / 32, lane = pt % 32;
+  const uint64_t kv_policy = l2_evict_last_policy();
   auto index_of = [&](int pair) {
     const int tile = 2 * pair + buf;
     return tile < n_tiles ? load_index(p, qrow, key0 + int64_t(tile) * kBlockKeys + key) : -1;
@@ -450,7 +473,8 @@ __device__ __forceinline__ void producer(const Problem& p, SharedStorage& ss, in
     const int slot = pair & 1;
     const uint32_t free_phase = (pair & 1) ^ 1;  // a fresh barrier's previous phase counts as done
     const int64_t r = resolve_row<kMode>(p, idx_cur, page_cur);
-    // Slot `slot` was last read in pair - 2, before every producer thread passed pair - 1's barrier.
+    // Slot `slot` was last read in pair - 2, before every producer thread passed pair - 1's
+    // barrier.
     ss.rows[slot][buf][key] = r;
     const uint32_t valid_bits = __ballot_sync(0xFFFFFFFFu, r >= 0);
     page_cur = load_page<kMode>(p, qrow, idx_next);
@@ -481,8 +505,10 @@ __device__ __forceinline__ void producer(const Problem& p, SharedStorage& ss, in
         const uint32_t dst = smem_kv0 + b * kTileBytes;
         cutlass::arch::ClusterBarrier::wait(&ss.freed[b][h], free_phase);
         if (h == b) publish_valid(b);
-        stage_fp8_half<h>(dst, p.kv, ss.rows[slot][b], fallback, pt_pair);
-        if constexpr (h == 1) copy_fp8_rope(dst, p.kv, ss.rows[slot][b], fallback, pt_pair);
+        stage_fp8_half<h>(dst, p.kv, ss.rows[slot][b], fallback, kv_policy, pt_pair);
+        if constexpr (h == 1) {
+          copy_fp8_rope(dst, p.kv, ss.rows[slot][b], fallback, kv_policy, pt_pair);
+        }
         cute::cp_async_fence();
       };
       auto dequant = [&](auto f, auto groups_left) {
@@ -509,7 +535,7 @@ __device__ __forceinline__ void producer(const Problem& p, SharedStorage& ss, in
         cutlass::arch::ClusterBarrier::wait(&ss.freed[b][h], free_phase);
         if (h == b) publish_valid(b);
         copy_bf16_half<h>(smem_kv0 + b * kTileBytes, p.kv, kRowBytes, ss.rows[slot][b], fallback,
-                          pt);
+                          kv_policy, pt);
         cutlass::arch::cpasync_barrier_arrive_noinc(&ss.ready[b][h]);
       });
     }
@@ -628,8 +654,9 @@ __global__ void __launch_bounds__(kThreads, 1)
     return thr_s.partition_fragment_B(make_tensor(make_smem_ptr(opaque(own_buf)), SmemLayoutK{}));
   };
   auto frag_v = [&](auto& thr, bf16* buf) {
-    return thr.partition_fragment_B(local_tile(make_tensor(make_smem_ptr(opaque(buf)), SmemLayoutVt{}),
-                                               Shape<Int<kVColsPerWg>, _64>{}, make_coord(wg, _0{})));
+    Tensor v = make_tensor(make_smem_ptr(opaque(buf)), SmemLayoutVt{});
+    return thr.partition_fragment_B(
+        local_tile(v, Shape<Int<kVColsPerWg>, _64>{}, make_coord(wg, _0{})));
   };
   auto frag_peer_p = [&] {
     return thr_peer.partition_fragment_A(make_tensor(make_smem_ptr(opaque(peer_p)), SmemLayoutP{}));
