@@ -207,29 +207,12 @@ struct Problem {
 
 // ---- small device helpers ------------------------------------------------------------------
 
-// L2 residency for the gathers: a KV row is read by many queries (and at Hq = 128 by both
-// head-group CTAs of each, launched adjacently), so KV lines are kept (evict_last); a CTA's Q is
-// read once (evict_first).
-__device__ __forceinline__ uint64_t l2_evict_last_policy() {
-  uint64_t policy;
-  asm volatile("createpolicy.fractional.L2::evict_last.b64 %0, 1.0;\n" : "=l"(policy));
-  return policy;
-}
-
-__device__ __forceinline__ uint64_t l2_evict_first_policy() {
-  uint64_t policy;
-  asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(policy));
-  return policy;
-}
-
 // A 16-byte chunk from global memory, or 16 zero bytes when !valid (src-size 0: nothing is read,
-// so a masked row's address is never formed; `fallback` is any valid global address). 256-byte
-// L2 prefetch: the same thread's next chunks of the row are 128 B further.
+// so a masked row's address is never formed; `fallback` is any valid global address).
 __device__ __forceinline__ void cp_async_16_or_zero(uint32_t dst, const void* src,
-                                                    const void* fallback, bool valid,
-                                                    uint64_t l2_policy) {
-  asm volatile("cp.async.cg.shared.global.L2::cache_hint.L2::256B [%0], [%1], 16, %2, %3;\n"
-               ::"r"(dst), "l"(valid ? src : fallback), "r"(valid ? 16 : 0), "l"(l2_policy)
+                                                    const void* fallback, bool valid) {
+  asm volatile("cp.async.cg.shared.global.L2::128B [%0], [%1], 16, %2;\n" ::"r"(dst),
+               "l"(valid ? src : fallback), "r"(valid ? 16 : 0)
                : "memory");
 }
 
@@ -325,7 +308,7 @@ struct TileHalf {
 template <int kHalf>
 __device__ __forceinline__ void copy_bf16_half(uint32_t dst_tile, const uint8_t* kv,
                                                int64_t row_bytes, const int64_t* rows,
-                                               const void* fallback, uint64_t l2_policy, int pt) {
+                                               const void* fallback, int pt) {
   const int c = pt % 8;
 #pragma unroll
   for (int i = 0; i < kBlockKeys / 16; ++i) {
@@ -336,7 +319,7 @@ __device__ __forceinline__ void copy_bf16_half(uint32_t dst_tile, const uint8_t*
     for (int b = TileHalf<kHalf>::kFirst; b < TileHalf<kHalf>::kFirst + TileHalf<kHalf>::kCount;
          ++b) {
       cp_async_16_or_zero(dst_tile + 2 * tile_chunk_offset(r, 8 * b + c), src + b * 128, fallback,
-                          row >= 0, l2_policy);
+                          row >= 0);
     }
   }
 }
@@ -355,8 +338,7 @@ struct Fp8Staging {
 
 template <int kHalf>
 __device__ __forceinline__ void stage_fp8_half(uint32_t dst_tile, const uint8_t* kv,
-                                               const int64_t* rows, const void* fallback,
-                                               uint64_t l2_policy, int pt) {
+                                               const int64_t* rows, const void* fallback, int pt) {
   const int c = pt % 16;
 #pragma unroll
   for (int i = 0; i < 8; ++i) {
@@ -364,13 +346,13 @@ __device__ __forceinline__ void stage_fp8_half(uint32_t dst_tile, const uint8_t*
     const int64_t row = rows[r];
     cp_async_16_or_zero(dst_tile + Fp8Staging<kHalf>::kRawBytes + r * 256 + c * 16,
                         kv + (row >= 0 ? row : 0) * kMlaFp8RowBytes + 256 * kHalf + 16 * c,
-                        fallback, row >= 0, l2_policy);
+                        fallback, row >= 0);
   }
   if (pt < kBlockKeys) {
     const int64_t row = rows[pt];
     cp_async_16_or_zero(dst_tile + Fp8Staging<kHalf>::kScaleBytes + pt * 16,
                         kv + (row >= 0 ? row : 0) * kMlaFp8RowBytes + kFp8ScalesOffset, fallback,
-                        row >= 0, l2_policy);
+                        row >= 0);
   }
 }
 
@@ -417,15 +399,14 @@ __device__ __forceinline__ void dequant_fp8_half(uint32_t dst_tile, int pt, uint
 
 // The 64 RoPE dims (bf16) of the 64 FP8 rows: chunk pt % 8 of rows pt / 8 + 16 i.
 __device__ __forceinline__ void copy_fp8_rope(uint32_t dst_tile, const uint8_t* kv,
-                                              const int64_t* rows, const void* fallback,
-                                              uint64_t l2_policy, int pt) {
+                                              const int64_t* rows, const void* fallback, int pt) {
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
     const int r = pt / 8 + 16 * i;
     const int64_t row = rows[r];
     const uint8_t* src = kv + (row >= 0 ? row : 0) * kMlaFp8RowBytes + kFp8RopeOffset;
     cp_async_16_or_zero(dst_tile + 2 * tile_chunk_offset(r, kMlaDimLatent / 8 + pt % 8),
-                        src + 16 * (pt % 8), fallback, row >= 0, l2_policy);
+                        src + 16 * (pt % 8), fallback, row >= 0);
   }
 }
 
@@ -443,21 +424,18 @@ __device__ __forceinline__ void producer(const Problem& p, SharedStorage& ss, in
     const uint8_t* q_rows =
         reinterpret_cast<const uint8_t*>(p.q + (qrow * p.Hq + head0) * kMlaDimQK);
     const uint32_t smem_q = cute::cast_smem_ptr_to_uint(ss.q);
-    const uint64_t q_policy = l2_evict_first_policy();
 #pragma unroll 4
     for (int i = 0; i < kHeadsPerCta * kRowChunks / kProducerThreads; ++i) {
       const int e = pt + kProducerThreads * i;
       const int r = e / kRowChunks;
       const int c = e - r * kRowChunks;
       cp_async_16_or_zero(smem_q + 2 * tile_chunk_offset(r, c),
-                          q_rows + int64_t(r) * (kMlaDimQK * 2) + c * 16, fallback, r < heads,
-                          q_policy);
+                          q_rows + int64_t(r) * (kMlaDimQK * 2) + c * 16, fallback, r < heads);
     }
     cutlass::arch::cpasync_barrier_arrive_noinc(&ss.q_ready);
   }
 
   const int buf = pt / kBlockKeys, key = pt % kBlockKeys, warp = pt / 32, lane = pt % 32;
-  const uint64_t kv_policy = l2_evict_last_policy();
   auto index_of = [&](int pair) {
     const int tile = 2 * pair + buf;
     return tile < n_tiles ? load_index(p, qrow, key0 + int64_t(tile) * kBlockKeys + key) : -1;
@@ -505,10 +483,8 @@ __device__ __forceinline__ void producer(const Problem& p, SharedStorage& ss, in
         const uint32_t dst = smem_kv0 + b * kTileBytes;
         cutlass::arch::ClusterBarrier::wait(&ss.freed[b][h], free_phase);
         if (h == b) publish_valid(b);
-        stage_fp8_half<h>(dst, p.kv, ss.rows[slot][b], fallback, kv_policy, pt_pair);
-        if constexpr (h == 1) {
-          copy_fp8_rope(dst, p.kv, ss.rows[slot][b], fallback, kv_policy, pt_pair);
-        }
+        stage_fp8_half<h>(dst, p.kv, ss.rows[slot][b], fallback, pt_pair);
+        if constexpr (h == 1) copy_fp8_rope(dst, p.kv, ss.rows[slot][b], fallback, pt_pair);
         cute::cp_async_fence();
       };
       auto dequant = [&](auto f, auto groups_left) {
@@ -535,7 +511,7 @@ __device__ __forceinline__ void producer(const Problem& p, SharedStorage& ss, in
         cutlass::arch::ClusterBarrier::wait(&ss.freed[b][h], free_phase);
         if (h == b) publish_valid(b);
         copy_bf16_half<h>(smem_kv0 + b * kTileBytes, p.kv, kRowBytes, ss.rows[slot][b], fallback,
-                          kv_policy, pt);
+                          pt);
         cutlass::arch::cpasync_barrier_arrive_noinc(&ss.ready[b][h]);
       });
     }
