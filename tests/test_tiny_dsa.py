@@ -164,4 +164,11 @@ def test_trajectory_reads_committed_runs(capsys):
     runs = sorted((ROOT / "bench" / "results").glob("tiny_dsa*/results.json"))
     assert runs, "the committed tiny DSA runs are gone"
     assert trajectory.main([str(p) for p in runs]) == 0
-    assert capsys.readouterr().out.count("1/4: 12 flips") == len(runs)
+    out = capsys.readouterr().out
+    blocks = out.split(f"{runs[0].parent.parent}/")[1:]  # one per run, in argument order
+    assert len(blocks) == len(runs)
+    for path, block in zip(runs, blocks):
+        n = json.loads(path.read_text())["config"]["model"]["n_layers"]
+        # 1/4 keeps n / 4 Full layers: n - n / 4 greedy flips (12 of 16, 24 of 32).
+        assert block.startswith(f"{path.parent.name}/results.json: {n} layers")
+        assert f"1/4: {n - n // 4} flips" in block
