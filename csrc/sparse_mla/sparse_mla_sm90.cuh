@@ -30,7 +30,8 @@
 // - The handoffs between warpgroups are mbarriers (producer <-> math) and named barriers that one
 //   side arrives at and the other waits on (bar.arrive / bar.sync, WG0 <-> WG1). racecheck reports
 //   hazards across the latter (see bench/NOTES.md): every reported pair is ordered by such a
-//   handoff.
+//   handoff. tests/test_sparse_mla_schedule.py replays this protocol on the CPU under random
+//   interleavings; a change to the handoff order must be mirrored there.
 // - Masked keys (-1, out of [0, N), positions past the block table or pages outside the cache,
 //   the tail past topk, the missing odd tile of an odd tile count) become zero rows and -inf
 //   scores: nothing outside the tensors is ever read, and 0 * garbage can never make a NaN.
