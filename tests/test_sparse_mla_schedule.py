@@ -232,42 +232,30 @@ def test_handoffs_hold_under_random_interleavings(n_tiles, fp8):
         run(n_tiles, fp8, rng)
 
 
-def test_the_checker_catches_a_missing_handoff():
-    """WG1 reading the running max without waiting for WG0's bar.arrive must be caught."""
-    original = math_wg1
+def assert_mutant_caught(role, dropped, n_tiles, seed):
+    """Runs with `role` (a generator function of this module) minus the actions `dropped`
+    matches; the checker must raise."""
+    original = globals()[role]
 
-    def hasty_wg1(m, n_tiles):
-        for act in original(m, n_tiles):
-            if act == ("bar_sync", MAX_EVEN):
-                continue
-            yield act
+    def mutant(*args):
+        return (act for act in original(*args) if not dropped(act))
 
-    rng = random.Random(7)
-    globals()["math_wg1"] = hasty_wg1
+    rng = random.Random(seed)
+    globals()[role] = mutant
     try:
         with pytest.raises(Hazard):
             for _ in range(300):
-                run(4, False, rng)
+                run(n_tiles, False, rng)
     finally:
-        globals()["math_wg1"] = original
+        globals()[role] = original
+
+
+def test_the_checker_catches_a_missing_handoff():
+    """WG1 reading the running max without waiting for WG0's bar.arrive must be caught."""
+    assert_mutant_caught("math_wg1", lambda act: act == ("bar_sync", MAX_EVEN), 4, 7)
 
 
 def test_the_checker_catches_an_early_refill():
     """A producer that refills buffer 0's second half without waiting for WG1's peer P V to free
     it overwrites P of the even tile (or V) while it is still read."""
-    original = producer
-
-    def eager_producer(m, n_tiles, fp8):
-        for act in original(m, n_tiles, fp8):
-            if act[:2] == ("mb_wait", "freed01"):
-                continue
-            yield act
-
-    rng = random.Random(11)
-    globals()["producer"] = eager_producer
-    try:
-        with pytest.raises(Hazard):
-            for _ in range(300):
-                run(6, False, rng)
-    finally:
-        globals()["producer"] = original
+    assert_mutant_caught("producer", lambda act: act[:2] == ("mb_wait", "freed01"), 6, 11)
