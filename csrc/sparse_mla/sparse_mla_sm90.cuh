@@ -178,6 +178,32 @@ __device__ __forceinline__ void named_arrive(uint32_t id, uint32_t threads) {
   asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
 }
 
+// Paired CTAs (one cluster) write into each other's smem and arrive on each other's mbarriers:
+// neither may run ahead of the other's barrier init, nor exit while the other can still arrive.
+__device__ __forceinline__ void cluster_sync_all() {
+  asm volatile("barrier.cluster.arrive.release;\nbarrier.cluster.wait.acquire;\n" ::: "memory");
+}
+
+// Arrive on the mbarrier at the same smem offset in CTA `rank` of the cluster.
+__device__ __forceinline__ void arrive_in_cta(uint64_t* bar, uint32_t rank) {
+  asm volatile(
+      "{\n.reg .b32 remote;\nmapa.shared::cluster.u32 remote, %0, %1;\n"
+      "mbarrier.arrive.release.cluster.shared::cluster.b64 _, [remote];\n}\n" ::"r"(
+          cute::cast_smem_ptr_to_uint(bar)),
+      "r"(rank)
+      : "memory");
+}
+
+// Wait for a phase whose arrivals may come from the other CTA of the cluster.
+__device__ __forceinline__ void wait_cluster(uint64_t* bar, uint32_t phase) {
+  asm volatile(
+      "{\n.reg .pred done;\nWAIT_CLUSTER:\n"
+      "mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 done, [%0], %1;\n"
+      "@!done bra WAIT_CLUSTER;\n}\n" ::"r"(cute::cast_smem_ptr_to_uint(bar)),
+      "r"(phase)
+      : "memory");
+}
+
 // ---- problem -------------------------------------------------------------------------------
 
 enum class Mode { kPrefill, kDecodeBf16, kDecodeFp8 };
@@ -312,32 +338,59 @@ __device__ __forceinline__ void copy_bf16_half(uint32_t dst_tile, const uint8_t*
 }
 
 // FP8 rows are staged in smem before dequantisation, inside the bf16 region of the very half they
-// become (no other smem is left): the raw e4m3 of the half's 256 latent dims (64 rows x 256 B,
-// row-major) in its last two column blocks, the rows' four fp32 scales (16 B) at the start of the
-// block before. cp.async fetches them as soon as the half is free; once they have landed every
-// producer thread reads its share into registers (16 e4m3 of chunk pt % 16 of rows pt / 16 + 8 i,
-// and their scale), a producer barrier, then all write bf16 over the staging area.
-template <int kHalf>
-struct Fp8Staging {
-  static constexpr uint32_t kRawBytes = (kHalf == 0 ? 2 : 6) * kBlockElems * 2;
-  static constexpr uint32_t kScaleBytes = kRawBytes - kBlockElems * 2;
+// become (no other smem is left): the raw e4m3 of the half's 256 latent dims (256 B per row) in
+// its last two column blocks, the rows' four fp32 scales (16 B) in the block before. cp.async
+// fetches them as soon as the half is free; once they have landed every producer thread reads its
+// share into registers (16 e4m3 of chunk pt % 16 of a row, and their scale), a producer barrier,
+// then all write bf16 over the staging area.
+//
+// Paired CTAs (the two head groups of an Hq = 128 query, one cluster) convert half of the rows
+// each and write them into both CTAs' tiles (st.async to the peer, counted by the peer's ready
+// mbarrier): each CTA's staging then lives in the region of its own rows (rows 32 c .. 32 c + 31
+// of every block, 4 KB), which the peer never writes.
+template <bool kPaired>
+struct Fp8Rows {
+  static constexpr int kCount = kPaired ? kBlockKeys / 2 : kBlockKeys;  // rows this CTA converts
+  static constexpr int kRawPerBlock = kCount / 2;  // 256-byte raw rows per staging block
+  static constexpr int kPerThread = kCount / 8;    // 16 threads per row
+  static constexpr uint32_t kPeerBytes = kPaired ? kCount * 256 * 2 : 0;  // bf16 per half
 };
 
 template <int kHalf>
+struct Fp8Staging {
+  static constexpr int kRawBlock = kHalf == 0 ? 2 : 6;  // raw rows in blocks kRawBlock, +1
+  static constexpr int kScaleBlock = kRawBlock - 1;
+};
+
+// Byte offset (from the tile) of the staged raw chunk c of local row jr + 8 i, jr < 8 (the split
+// keeps the part that depends on i a compile-time constant).
+template <int kHalf, bool kPaired, int kI>
+__device__ __forceinline__ uint32_t fp8_raw_offset(int first_row, int jr, int c) {
+  constexpr int kPer = Fp8Rows<kPaired>::kRawPerBlock;
+  constexpr uint32_t kRowPart = (8 * kI / kPer) * kBlockElems * 2 + (8 * kI % kPer) * 256;
+  return Fp8Staging<kHalf>::kRawBlock * kBlockElems * 2 + first_row * 128 + jr * 256 + c * 16 +
+         kRowPart;
+}
+
+template <int kHalf>
+__device__ __forceinline__ uint32_t fp8_scale_offset(int first_row, int j) {
+  return Fp8Staging<kHalf>::kScaleBlock * kBlockElems * 2 + first_row * 128 + j * 16;
+}
+
+template <int kHalf, bool kPaired>
 __device__ __forceinline__ void stage_fp8_half(uint32_t dst_tile, const uint8_t* kv,
-                                               const int64_t* rows, const void* fallback, int pt) {
+                                               const int64_t* rows, int first_row,
+                                               const void* fallback, int pt) {
   const int c = pt % 16;
-#pragma unroll
-  for (int i = 0; i < 8; ++i) {
-    const int r = pt / 16 + 8 * i;
-    const int64_t row = rows[r];
-    cp_async_16_or_zero(dst_tile + Fp8Staging<kHalf>::kRawBytes + r * 256 + c * 16,
+  cute::for_each(cute::make_int_sequence<Fp8Rows<kPaired>::kPerThread>{}, [&](auto i) {
+    const int64_t row = rows[first_row + pt / 16 + 8 * i];
+    cp_async_16_or_zero(dst_tile + fp8_raw_offset<kHalf, kPaired, i>(first_row, pt / 16, c),
                         kv + (row >= 0 ? row : 0) * kMlaFp8RowBytes + 256 * kHalf + 16 * c,
                         fallback, row >= 0);
-  }
-  if (pt < kBlockKeys) {
-    const int64_t row = rows[pt];
-    cp_async_16_or_zero(dst_tile + Fp8Staging<kHalf>::kScaleBytes + pt * 16,
+  });
+  if (pt < Fp8Rows<kPaired>::kCount) {
+    const int64_t row = rows[first_row + pt];
+    cp_async_16_or_zero(dst_tile + fp8_scale_offset<kHalf>(first_row, pt),
                         kv + (row >= 0 ? row : 0) * kMlaFp8RowBytes + kFp8ScalesOffset, fallback,
                         row >= 0);
   }
@@ -357,30 +410,56 @@ __device__ __forceinline__ float ld_shared_f32(uint32_t addr) {
   return v;
 }
 
-// Called by all producer threads once the staged bytes of every thread have landed.
-template <int kHalf>
-__device__ __forceinline__ void dequant_fp8_half(uint32_t dst_tile, int pt, uint32_t barrier) {
+// The same smem offset in CTA `rank` of the cluster (a shared::cluster address).
+__device__ __forceinline__ uint32_t map_to_cta(uint32_t smem_addr, uint32_t rank) {
+  uint32_t out;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(out) : "r"(smem_addr), "r"(rank));
+  return out;
+}
+
+// 16 bytes into another CTA's smem; completes `bytes` of that CTA's mbarrier transaction.
+__device__ __forceinline__ void st_async_v4(uint32_t cluster_addr, uint4 v, uint32_t cluster_bar) {
+  asm volatile(
+      "st.async.shared::cluster.mbarrier::complete_tx::bytes.v4.b32 [%0], {%1, %2, %3, %4}, "
+      "[%5];\n" ::"r"(cluster_addr),
+      "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w), "r"(cluster_bar)
+      : "memory");
+}
+
+// Called by all producer threads once the staged bytes of every thread have landed. `peer_delta`
+// (paired only) moves a local smem address to the same place in the peer CTA.
+template <int kHalf, bool kPaired>
+__device__ __forceinline__ void dequant_fp8_half(uint32_t dst_tile, int first_row, int pt,
+                                                 uint32_t barrier, uint32_t peer_delta,
+                                                 uint32_t peer_ready) {
+  constexpr int kPer = Fp8Rows<kPaired>::kPerThread;
   const int c = pt % 16;
-  uint4 lat[8];
-  float scale[8];
-#pragma unroll
-  for (int i = 0; i < 8; ++i) {
-    const int r = pt / 16 + 8 * i;
-    lat[i] = ld_shared_v4(dst_tile + Fp8Staging<kHalf>::kRawBytes + r * 256 + c * 16);
-    scale[i] = ld_shared_f32(dst_tile + Fp8Staging<kHalf>::kScaleBytes + r * 16 +
+  uint4 lat[kPer];
+  float scale[kPer];
+  cute::for_each(cute::make_int_sequence<kPer>{}, [&](auto i) {
+    const int j = pt / 16 + 8 * i;
+    lat[i] = ld_shared_v4(dst_tile + fp8_raw_offset<kHalf, kPaired, i>(first_row, pt / 16, c));
+    scale[i] = ld_shared_f32(dst_tile + fp8_scale_offset<kHalf>(first_row, j) +
                              4 * (2 * kHalf + c / 8));
-  }
+  });
   named_sync(barrier, kProducerThreads);  // all staged bytes read before any is overwritten
 #pragma unroll
-  for (int i = 0; i < 8; ++i) {
-    const int r = pt / 16 + 8 * i;
+  for (int i = 0; i < kPer; ++i) {
+    const int r = first_row + pt / 16 + 8 * i;
     const uint2 a = dequant4(lat[i].x, scale[i]);
     const uint2 b = dequant4(lat[i].y, scale[i]);
     const uint2 d = dequant4(lat[i].z, scale[i]);
     const uint2 e = dequant4(lat[i].w, scale[i]);
     const int chunk = 32 * kHalf + 2 * c;  // 8 bf16 per 16-byte chunk
-    st_shared_v4(dst_tile + 2 * tile_chunk_offset(r, chunk), make_uint4(a.x, a.y, b.x, b.y));
-    st_shared_v4(dst_tile + 2 * tile_chunk_offset(r, chunk + 1), make_uint4(d.x, d.y, e.x, e.y));
+    const uint32_t lo = dst_tile + 2 * tile_chunk_offset(r, chunk);
+    const uint32_t hi = dst_tile + 2 * tile_chunk_offset(r, chunk + 1);
+    const uint4 v_lo = make_uint4(a.x, a.y, b.x, b.y), v_hi = make_uint4(d.x, d.y, e.x, e.y);
+    st_shared_v4(lo, v_lo);
+    st_shared_v4(hi, v_hi);
+    if constexpr (kPaired) {
+      st_async_v4(lo + peer_delta, v_lo, peer_ready);
+      st_async_v4(hi + peer_delta, v_hi, peer_ready);
+    }
   }
 }
 
@@ -401,7 +480,7 @@ __device__ __forceinline__ void copy_fp8_rope(uint32_t dst_tile, const uint8_t* 
 // halves in the order the math warpgroups free them. Thread pt resolves key pt % 64 of the pair's
 // tile pt / 64 (a software pipeline: the index of pair j + 1 and the block-table entry of its
 // position are loaded one pair ahead, so no dependent load stalls a fill).
-template <Mode kMode>
+template <Mode kMode, bool kPaired>
 __device__ __forceinline__ void producer(const Problem& p, SharedStorage& ss, int64_t qrow,
                                          int head0, int heads, int64_t key0, int n_tiles, int pt) {
   constexpr bool kFp8 = kMode == Mode::kDecodeFp8;
@@ -462,6 +541,9 @@ __device__ __forceinline__ void producer(const Problem& p, SharedStorage& ss, in
       // Addresses recomputed per pair (see opaque()): hoisted out of the pair loop they spill more
       // (ptxas: 356 B of spill loads instead of 212).
       const int pt_pair = opaque(pt);
+      const int first_row = kPaired ? int(cute::block_rank_in_cluster()) * Fp8Rows<true>::kCount : 0;
+      const uint32_t peer_delta =
+          kPaired ? map_to_cta(smem_kv0, cute::block_rank_in_cluster() ^ 1u) - smem_kv0 : 0;
       // Two halves are staged (freed, their cp.asyncs in flight) before either is dequantised, so
       // one fetch's latency overlaps the other's; the two freed mid-pair (fills 0, 1) are done
       // before the producer waits for the two freed at the pair's end (2, 3), which leaves only
@@ -469,9 +551,13 @@ __device__ __forceinline__ void producer(const Problem& p, SharedStorage& ss, in
       auto stage = [&](auto f) {
         constexpr int b = kFillBuffer[f], h = kFillHalf[f];
         const uint32_t dst = smem_kv0 + b * kTileBytes;
-        cutlass::arch::ClusterBarrier::wait(&ss.freed[b][h], free_phase);
+        if constexpr (kPaired) {
+          wait_cluster(&ss.freed[b][h], free_phase);  // both CTAs' readers are done
+        } else {
+          cutlass::arch::ClusterBarrier::wait(&ss.freed[b][h], free_phase);
+        }
         if (h == b) publish_valid(b);
-        stage_fp8_half<h>(dst, p.kv, ss.rows[slot][b], fallback, pt_pair);
+        stage_fp8_half<h, kPaired>(dst, p.kv, ss.rows[slot][b], first_row, fallback, pt_pair);
         if constexpr (h == 1) copy_fp8_rope(dst, p.kv, ss.rows[slot][b], fallback, pt_pair);
         cute::cp_async_fence();
       };
@@ -480,9 +566,17 @@ __device__ __forceinline__ void producer(const Problem& p, SharedStorage& ss, in
         cute::cp_async_wait<decltype(groups_left)::value>();
         named_sync(kProducerSync, kProducerThreads);  // every thread's staged bytes have landed
         const uint32_t dst = smem_kv0 + b * kTileBytes;
-        dequant_fp8_half<h>(dst, pt_pair, kProducerSync);
+        const uint32_t ready = cute::cast_smem_ptr_to_uint(&ss.ready[b][h]);
+        dequant_fp8_half<h, kPaired>(dst, first_row, pt_pair, kProducerSync, peer_delta,
+                                     ready + peer_delta);
         cutlass::arch::fence_view_async_shared();  // st.shared / cp.async -> wgmma (async proxy)
-        cutlass::arch::ClusterBarrier::arrive(&ss.ready[b][h]);
+        if (kPaired && pt_pair == 0) {
+          // The peer's rows arrive by st.async and complete transaction bytes on this barrier.
+          cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(
+              &ss.ready[b][h], Fp8Rows<kPaired>::kPeerBytes);
+        } else {
+          cutlass::arch::ClusterBarrier::arrive(&ss.ready[b][h]);
+        }
       };
       using cute::Int;
       stage(Int<0>{});
@@ -550,9 +644,12 @@ __device__ __forceinline__ void store_p(const TP& rP, float scale0, float scale1
 
 // ---- the kernel ----------------------------------------------------------------------------
 
-template <Mode kMode>
+// kPaired: the two head groups of a query are one cluster of two CTAs that share the KV fill
+// (FP8 only: each converts half of every tile's rows for both).
+template <Mode kMode, bool kPaired>
 __global__ void __launch_bounds__(kThreads, 1)
     sparse_mla_fwd_kernel(const __grid_constant__ Problem p) {
+  static_assert(!kPaired || kMode == Mode::kDecodeFp8, "only the FP8 fill is shared");
   using namespace cute;
   constexpr float kNegInf = -__builtin_huge_valf();
 
@@ -564,11 +661,13 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int tid = threadIdx.x;
   const int wg = tid / 128, t = tid % 128, warp = tid / 32, lane = tid % 32;
 
+  // Head groups vary fastest: the CTAs of one (query, split) are adjacent (one cluster when
+  // paired; otherwise the second gather of each KV row hits L2).
   int64_t bid = blockIdx.x;
-  const int split = int(bid % p.splits);
-  bid /= p.splits;
   const int head0 = int(bid % p.head_groups) * kHeadsPerCta;
-  const int64_t qrow = bid / p.head_groups;
+  bid /= p.head_groups;
+  const int split = int(bid % p.splits);
+  const int64_t qrow = bid / p.splits;
   const int heads = min(kHeadsPerCta, p.Hq - head0);
   const int tile0 = split * p.tiles_per_split;
   const int n_tiles = min(p.tiles_per_split, (p.topk + kBlockKeys - 1) / kBlockKeys - tile0);
@@ -581,17 +680,23 @@ __global__ void __launch_bounds__(kThreads, 1)
     for (int b = 0; b < 2; ++b) {
       for (int h = 0; h < 2; ++h) {
         ClusterBarrier::init(&ss.ready[b][h], kProducerThreads);
-        ClusterBarrier::init(&ss.freed[b][h], 128);
+        // Paired: also lane 0 of each warp of the peer's reader (it reads its own copy).
+        ClusterBarrier::init(&ss.freed[b][h], 128 + (kPaired ? 4 : 0));
       }
       ClusterBarrier::init(&ss.valid_ready[b], 2);  // lane 0 of the two warps resolving buffer b
     }
     cutlass::arch::fence_barrier_init();
   }
-  __syncthreads();
+  if constexpr (kPaired) {
+    cluster_sync_all();
+  } else {
+    __syncthreads();
+  }
 
   if (wg == 2) {
     cutlass::arch::warpgroup_reg_dealloc<kProducerRegs>();
-    producer<kMode>(p, ss, qrow, head0, heads, key0, n_tiles, t);
+    producer<kMode, kPaired>(p, ss, qrow, head0, heads, key0, n_tiles, t);
+    if constexpr (kPaired) cluster_sync_all();
     return;
   }
   cutlass::arch::warpgroup_reg_alloc<kMathRegs>();
@@ -686,6 +791,15 @@ __global__ void __launch_bounds__(kThreads, 1)
     warpgroup_fence_operand(rS);
   };
 
+  // A tile half is free once this CTA's reader is done and, paired, the peer's reader of its copy
+  // (the peer writes its rows into both).
+  auto free_half = [&](uint64_t* bar) {
+    cutlass::arch::ClusterBarrier::arrive(bar);
+    if constexpr (kPaired) {
+      if (lane == 0) arrive_in_cta(bar, cute::block_rank_in_cluster() ^ 1u);
+    }
+  };
+
   using cutlass::arch::ClusterBarrier;
   ClusterBarrier::wait(&ss.q_ready, 0);
   if (wg == 0) {
@@ -711,7 +825,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       issue_pv(mma_own, rP, frag_v(thr_own, own_buf), rO);
       warpgroup_wait<0>();
       warpgroup_fence_operand(rO);
-      ClusterBarrier::arrive(&ss.freed[0][0]);
+      free_half(&ss.freed[0][0]);
 
       // The odd tile's max is the pair's: rescale this tile's P for WG1 and this half of O.
       named_sync(kMaxOddReady, kMathThreads);
@@ -740,13 +854,13 @@ __global__ void __launch_bounds__(kThreads, 1)
         warpgroup_fence_operand(rS);
         issue_s<0, 16>(mma_s, frag_q(), frag_k(), rS, true);
         warpgroup_wait<1>();
-        ClusterBarrier::arrive(&ss.freed[1][0]);
+        free_half(&ss.freed[1][0]);
         ClusterBarrier::wait(&ss.ready[0][1], phase ^ 1);
         issue_s<16, 36>(mma_s, frag_q(), frag_k(), rS, false);
         wait_s();
       } else {
         warpgroup_wait<0>();
-        ClusterBarrier::arrive(&ss.freed[1][0]);
+        free_half(&ss.freed[1][0]);
       }
       warpgroup_fence_operand(rO);
     }
@@ -777,10 +891,10 @@ __global__ void __launch_bounds__(kThreads, 1)
       cutlass::arch::fence_view_async_shared();
       named_arrive(kPOddReady, kMathThreads);
       warpgroup_wait<1>();
-      ClusterBarrier::arrive(&ss.freed[1][1]);
+      free_half(&ss.freed[1][1]);
       warpgroup_wait<0>();
       warpgroup_fence_operand(rO);
-      ClusterBarrier::arrive(&ss.freed[0][1]);
+      free_half(&ss.freed[0][1]);
     }
   }
 
@@ -792,31 +906,63 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
   named_sync(kRowSums, kMathThreads);
   const int64_t rows_heads = p.rows * p.Hq;
+  float inv[2];
   CUTE_UNROLL
   for (int h = 0; h < 2; ++h) {
     const int r = row_in_wg + 8 * h;
-    if (r >= heads) continue;
     const float l = ss.l_exchange[0][r] + ss.l_exchange[1][r];  // same order in both warpgroups
-    const float inv = l > 0.0f ? 1.0f / l : 0.0f;
+    inv[h] = l > 0.0f ? 1.0f / l : 0.0f;
     const float lse = l > 0.0f ? m_run[h] * p.sm_scale + logf(l) : kNegInf;
     const int64_t rh = qrow * p.Hq + head0 + r;
-    if (p.splits == 1) {
-      uint16_t* o = p.out + rh * kMlaDimLatent + kVColsPerWg * wg + 2 * (lane % 4);
-      CUTE_UNROLL
-      for (int e = 2 * h; e < size(rO); e += 4) {
-        *reinterpret_cast<uint32_t*>(o + 8 * (e / 4)) = pack_bf16x2(rO(e) * inv, rO(e + 1) * inv);
+    if (r < heads && wg == 0 && lane % 4 == 0) {
+      if (p.splits == 1) {
+        p.lse[rh] = lse;
+      } else {
+        p.lse_part[split * rows_heads + rh] = lse;
       }
-      if (wg == 0 && lane % 4 == 0) p.lse[rh] = lse;
-    } else {
-      const int64_t prh = split * rows_heads + rh;
+    }
+  }
+  if (p.splits == 1) {
+    // bf16 O through smem (the Q tile: both warpgroups' last S is done), then whole rows of
+    // 1 KB with 16-byte stores: the accumulator layout would store 4 bytes per lane, 8 rows per
+    // instruction. 16-byte chunk c of row r sits at chunk c ^ (r % 8) (conflict-free both ways).
+    const uint32_t smem_o = cute::cast_smem_ptr_to_uint(ss.q);
+    constexpr int kRowBytesO = kMlaDimLatent * 2;
+    CUTE_UNROLL
+    for (int e = 0; e < size(rO); e += 2) {
+      const int h = (e / 2) % 2, r = row_in_wg + 8 * h;
+      const int col = kVColsPerWg * wg + 8 * (e / 4) + 2 * (lane % 4);
+      const uint32_t addr = smem_o + r * kRowBytesO + (((col / 8) ^ (r % 8)) * 16) + (col % 8) * 2;
+      asm volatile("st.shared.u32 [%0], %1;\n" ::"r"(addr),
+                   "r"(pack_bf16x2(rO(e) * inv[h], rO(e + 1) * inv[h]))
+                   : "memory");
+    }
+    named_sync(kRowSums, kMathThreads);
+    uint16_t* out = p.out + (qrow * p.Hq + head0) * kMlaDimLatent;
+    constexpr int kChunksPerRow = kRowBytesO / 16;
+    CUTE_UNROLL
+    for (int i = 0; i < kHeadsPerCta * kChunksPerRow / kMathThreads; ++i) {
+      const int idx = tid + kMathThreads * i;
+      const int r = idx / kChunksPerRow, c = idx % kChunksPerRow;
+      if (r >= heads) break;  // rows ascend with i
+      const uint4 v = ld_shared_v4(smem_o + r * kRowBytesO + ((c ^ (r % 8)) * 16));
+      *reinterpret_cast<uint4*>(out + int64_t(r) * kMlaDimLatent + c * 8) = v;
+    }
+  } else {
+    CUTE_UNROLL
+    for (int h = 0; h < 2; ++h) {
+      const int r = row_in_wg + 8 * h;
+      if (r >= heads) continue;
+      const int64_t prh = split * rows_heads + qrow * p.Hq + head0 + r;
       float* o = p.o_part + prh * kMlaDimLatent + kVColsPerWg * wg + 2 * (lane % 4);
       CUTE_UNROLL
       for (int e = 2 * h; e < size(rO); e += 4) {
-        *reinterpret_cast<float2*>(o + 8 * (e / 4)) = make_float2(rO(e) * inv, rO(e + 1) * inv);
+        *reinterpret_cast<float2*>(o + 8 * (e / 4)) =
+            make_float2(rO(e) * inv[h], rO(e + 1) * inv[h]);
       }
-      if (wg == 0 && lane % 4 == 0) p.lse_part[prh] = lse;
     }
   }
+  if constexpr (kPaired) cluster_sync_all();
 }
 
 // ---- host side (sparse_mla_common.cu) ------------------------------------------------------
@@ -835,6 +981,27 @@ int64_t workspace_bytes(int64_t rows, int Hq, const SplitPlan& plan);
 cudaError_t launch_combine(const Problem& prob, cudaStream_t stream);
 
 inline int head_groups_of(int Hq) { return (Hq + kHeadsPerCta - 1) / kHeadsPerCta; }
+
+template <Mode kMode, bool kPaired>
+cudaError_t launch_forward(const Problem& prob, int64_t blocks, cudaStream_t stream) {
+  auto kernel = sparse_mla_fwd_kernel<kMode, kPaired>;
+  cudaError_t err =
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
+  if (err != cudaSuccess) return err;
+  cudaLaunchAttribute cluster{};
+  cluster.id = cudaLaunchAttributeClusterDimension;
+  cluster.val.clusterDim.x = 2;
+  cluster.val.clusterDim.y = 1;
+  cluster.val.clusterDim.z = 1;
+  cudaLaunchConfig_t config{};
+  config.gridDim = dim3(unsigned(blocks));
+  config.blockDim = dim3(kThreads);
+  config.dynamicSmemBytes = kSmemBytes;
+  config.stream = stream;
+  config.attrs = &cluster;
+  config.numAttrs = kPaired ? 1 : 0;
+  return cudaLaunchKernelEx(&config, kernel, prob);
+}
 
 // The forward (plus the combine when the plan splits). `prob` arrives with its op fields set;
 // the launcher fills in the schedule and the workspace pointers.
@@ -858,12 +1025,11 @@ cudaError_t launch(Problem prob, void* workspace, int64_t workspace_bytes_given,
   }
   const int64_t blocks = prob.rows * prob.head_groups * plan.splits;
   if (blocks > INT32_MAX) return cudaErrorInvalidConfiguration;
-  auto kernel = sparse_mla_fwd_kernel<kMode>;
-  cudaError_t err =
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
-  if (err != cudaSuccess) return err;
-  kernel<<<unsigned(blocks), kThreads, kSmemBytes, stream>>>(prob);
-  err = cudaGetLastError();
+  // Hq = 128 with the FP8 cache: the two head groups share the dequantisation (a cluster of two).
+  cudaError_t err = kMode == Mode::kDecodeFp8 && prob.head_groups == 2
+                        ? launch_forward<kMode, kMode == Mode::kDecodeFp8>(prob, blocks, stream)
+                        : launch_forward<kMode, false>(prob, blocks, stream);
+  if (err == cudaSuccess) err = cudaGetLastError();
   if (err != cudaSuccess || plan.splits == 1) return err;
   return launch_combine(prob, stream);
 }
