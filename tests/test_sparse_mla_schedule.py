@@ -1,8 +1,10 @@
 """The warpgroup handoffs of the sparse MLA kernel (csrc/sparse_mla/sparse_mla_sm90.cuh), replayed
 in Python under random interleavings: the producer's fills of the two tile buffers (bf16 order and
-the FP8 stage / dequantise order), both math warpgroups' S, softmax handoffs and P V, with the
-kernel's mbarriers (parity waits, one arrival per warpgroup), named barriers (bar.arrive /
-bar.sync generations) and wgmma batches (smem read from issue until the wait that retires them).
+the FP8 stage / dequantise order, and the paired FP8 fill of Hq = 128, where the two CTAs of a
+cluster each convert half of every tile's rows into both CTAs' tiles), both math warpgroups' S,
+softmax handoffs and P V, with the kernel's mbarriers (parity waits; one arrival per warpgroup,
+two when both CTAs of a pair take part), named barriers (bar.arrive / bar.sync generations) and
+wgmma batches (smem read from issue until the wait that retires them).
 
 Checked for every interleaving: no deadlock; every read (at issue and until retired) sees the
 write it is meant to see (the right tile's rows, the right tile's P, the running max after the
@@ -16,6 +18,7 @@ import random
 import pytest
 
 MAX_EVEN, MAX_ODD, P_EVEN, P_ODD = "max_even", "max_odd", "p_even_ready", "p_odd_ready"
+PAIRED_FREED_ARRIVALS = 2  # a paired CTA's tile half is free once both CTAs' readers are done
 
 
 class Hazard(AssertionError):
@@ -23,10 +26,11 @@ class Hazard(AssertionError):
 
 
 class Machine:
-    def __init__(self):
+    def __init__(self, need=None):
         self.smem = {}                 # region -> tag of its last write
         self.pending = {}              # role -> list of batches, each a list of (region, tag)
-        self.mbar = {}                 # name -> completed phases
+        self.mbar = {}                 # name -> arrivals so far
+        self.need = need or {}         # name -> arrivals per phase (default 1)
         self.named = {}                # id -> (generation, set of roles arrived)
 
     # -- smem --
@@ -54,15 +58,16 @@ class Machine:
             for region, want in batches.pop(0):
                 self.read(role, region, want)  # nothing overwrote it while in flight
 
-    # -- mbarriers: one arrival per warpgroup completes a phase; wait(parity) passes once the
-    #    phase of that parity has completed (a fresh barrier's "previous" phase 1 counts as done) --
+    # -- mbarriers: `need` arrivals complete a phase (one per warpgroup, per CTA when the two
+    #    CTAs of a cluster share it); wait(parity) passes once the phase of that parity has
+    #    completed (a fresh barrier's "previous" phase 1 counts as done) --
     def mb_done(self, name, parity):
-        return self.mbar.get(name, 0) % 2 != parity
+        return (self.mbar.get(name, 0) // self.need.get(name, 1)) % 2 != parity
 
     def mb_arrive(self, name):
         self.mbar[name] = self.mbar.get(name, 0) + 1
 
-    # -- named barriers over the two math warpgroups --
+    # -- named barriers over the two math warpgroups of one CTA --
     def bar_arrive(self, role, bid):
         gen, arrived = self.named.get(bid, (0, set()))
         if role in arrived:
@@ -75,34 +80,63 @@ class Machine:
         return self.named.get(bid, (0, set()))[0] > gen
 
 
-def producer(m, n_tiles, fp8):
+class Cta:
+    """Names in CTA `c` of a launch. Paired (FP8, Hq = 128): two CTAs, each converting one half of
+    every tile's rows ("rows 0" / "rows 1") into both CTAs' tiles; the RoPE block (and, unpaired,
+    everything) is one region of all rows."""
+
+    def __init__(self, c, paired):
+        self.c, self.paired = c, paired
+        self.peer = 1 - c
+        self.rows = (0, 1) if paired else ("all",)
+
+    def at(self, name, cta=None):
+        return f"{self.c if cta is None else cta}:{name}"
+
+    def latent(self, b, h, rows, cta=None):
+        """Regions of buffer b, half h holding V columns (dims 0-255 / 256-511) of `rows`."""
+        return [self.at(f"k{b}{('h0', 'h1v')[h]}/{r}", cta) for r in rows]
+
+    def half(self, b, h):
+        """Every region a wgmma of this CTA reads from buffer b, half h."""
+        return self.latent(b, h, self.rows) + ([self.at(f"k{b}rope")] if h == 1 else [])
+
+
+def producer(m, n_tiles, fp8, cta):
     n_pairs = (n_tiles + 1) // 2
     order = [(0, 0), (1, 1), (0, 1), (1, 0)]  # (buffer, half) in the order they are freed
-    regions = {0: ("h0",), 1: ("h1v", "rope")}
+    own = (cta.c,) if cta.paired else cta.rows
 
-    def fill(pair, b, h, tag):
+    def valid(pair, b, h):
         if h == b:  # the valid words go with the first half of the buffer its reader frees
-            yield ("write", f"valid{b}", ("valid", 2 * pair + b))
-            yield ("mb_arrive", f"valid_ready{b}")
-        for r in regions[h]:
-            yield ("write", f"k{b}{r}", (tag, 2 * pair + b))
+            yield ("write", cta.at(f"valid{b}"), ("valid", 2 * pair + b))
+            yield ("mb_arrive", cta.at(f"valid_ready{b}"))
 
     for pair in range(n_pairs):
         free_parity = (pair & 1) ^ 1
         if not fp8:
             for b, h in order:
-                yield ("mb_wait", f"freed{b}{h}", free_parity)
-                yield from fill(pair, b, h, "kv")
-                yield ("mb_arrive", f"ready{b}{h}")
+                yield ("mb_wait", cta.at(f"freed{b}{h}"), free_parity)
+                yield from valid(pair, b, h)
+                for r in cta.half(b, h):
+                    yield ("write", r, ("kv", 2 * pair + b))
+                yield ("mb_arrive", cta.at(f"ready{b}{h}"))
         else:
             def stage(b, h):
-                yield ("mb_wait", f"freed{b}{h}", free_parity)
-                yield from fill(pair, b, h, "raw")   # raw FP8 bytes staged in the same region
+                yield ("mb_wait", cta.at(f"freed{b}{h}"), free_parity)
+                yield from valid(pair, b, h)
+                # raw FP8 bytes of this CTA's rows, staged where they become bf16; RoPE: bf16
+                for r in cta.latent(b, h, own) + ([cta.at(f"k{b}rope")] if h == 1 else []):
+                    yield ("write", r, ("raw", 2 * pair + b))
 
             def dequant(b, h):
-                for r in regions[h]:
-                    yield ("write", f"k{b}{r}", ("kv", 2 * pair + b))
-                yield ("mb_arrive", f"ready{b}{h}")
+                for r in cta.latent(b, h, own) + ([cta.at(f"k{b}rope")] if h == 1 else []):
+                    yield ("write", r, ("kv", 2 * pair + b))
+                yield ("mb_arrive", cta.at(f"ready{b}{h}"))
+                if cta.paired:  # st.async into the peer: its ready barrier counts the bytes
+                    for r in cta.latent(b, h, own, cta.peer):
+                        yield ("write", r, ("kv", 2 * pair + b))
+                    yield ("mb_complete_tx", cta.at(f"ready{b}{h}", cta.peer))
 
             for lo, hi in ((0, 1), (2, 3)):
                 yield from stage(*order[lo])
@@ -111,75 +145,95 @@ def producer(m, n_tiles, fp8):
                 yield from dequant(*order[hi])
 
 
-def kv(b, t):
-    return [(f"k{b}h0", ("kv", t)), (f"k{b}h1v", ("kv", t)), (f"k{b}rope", ("kv", t))]
+def kv(cta, b, h, t):
+    return [(r, ("kv", t)) for r in cta.half(b, h)]
 
 
-def math_wg0(m, n_tiles):
+def free(cta, b, h):
+    """A reader done with buffer b, half h; paired, the peer's producer writes there too."""
+    yield ("mb_arrive", cta.at(f"freed{b}{h}"))
+    if cta.paired:
+        yield ("mb_arrive_peer", cta.at(f"freed{b}{h}", cta.peer))
+
+
+def math_wg0(m, n_tiles, cta):
+    at = cta.at
     n_pairs = (n_tiles + 1) // 2
     if n_pairs:
-        yield ("mb_wait", "ready00", 0)
-        yield ("issue", kv(0, 0)[:1])
-        yield ("mb_wait", "ready01", 0)
-        yield ("issue", kv(0, 0)[1:])
+        yield ("mb_wait", at("ready00"), 0)
+        yield ("issue", kv(cta, 0, 0, 0))
+        yield ("mb_wait", at("ready01"), 0)
+        yield ("issue", kv(cta, 0, 1, 0))
         yield ("retire", 0)
     for pair in range(n_pairs):
         even, odd, phase = 2 * pair, 2 * pair + 1, pair & 1
-        yield ("mb_wait", "valid_ready0", phase)
-        yield ("read", "valid0", ("valid", even))
-        yield ("write", "m", ("m", even))
-        yield ("bar_arrive", MAX_EVEN)
-        yield ("issue", [("k0h0", ("kv", even))])          # own P V, V columns 0-255
+        yield ("mb_wait", at("valid_ready0"), phase)
+        yield ("read", at("valid0"), ("valid", even))
+        yield ("write", at("m"), ("m", even))
+        yield ("bar_arrive", at(MAX_EVEN))
+        yield ("issue", [(r, ("kv", even)) for r in cta.latent(0, 0, cta.rows)])  # own P V
         yield ("retire", 0)
-        yield ("mb_arrive", "freed00")
-        yield ("bar_sync", MAX_ODD)
-        yield ("read", "m", ("m", odd))
-        yield ("write", "k0rope", ("P", even))             # P of the even tile, RoPE block
-        yield ("bar_arrive", P_EVEN)
-        yield ("bar_sync", P_ODD)
-        yield ("issue", [("p_odd", ("P", odd)), ("k1h0", ("kv", odd))])  # peer P V
+        yield from free(cta, 0, 0)
+        yield ("bar_sync", at(MAX_ODD))
+        yield ("read", at("m"), ("m", odd))
+        yield ("write", at("k0rope"), ("P", even))             # P of the even tile, RoPE block
+        yield ("bar_arrive", at(P_EVEN))
+        yield ("bar_sync", at(P_ODD))
+        yield ("issue", [(at("p_odd"), ("P", odd))]
+               + [(r, ("kv", odd)) for r in cta.latent(1, 0, cta.rows)])  # peer P V
         if pair + 1 < n_pairs:
-            yield ("mb_wait", "ready00", phase ^ 1)
-            yield ("issue", kv(0, even + 2)[:1])
+            yield ("mb_wait", at("ready00"), phase ^ 1)
+            yield ("issue", kv(cta, 0, 0, even + 2))
             yield ("retire", 1)
-            yield ("mb_arrive", "freed10")
-            yield ("mb_wait", "ready01", phase ^ 1)
-            yield ("issue", kv(0, even + 2)[1:])
+            yield from free(cta, 1, 0)
+            yield ("mb_wait", at("ready01"), phase ^ 1)
+            yield ("issue", kv(cta, 0, 1, even + 2))
             yield ("retire", 0)
         else:
             yield ("retire", 0)
-            yield ("mb_arrive", "freed10")
+            yield from free(cta, 1, 0)
 
 
-def math_wg1(m, n_tiles):
+def math_wg1(m, n_tiles, cta):
+    at = cta.at
     for pair in range((n_tiles + 1) // 2):
         even, odd, phase = 2 * pair, 2 * pair + 1, pair & 1
-        yield ("mb_wait", "ready11", phase)
-        yield ("issue", kv(1, odd)[1:])
-        yield ("mb_wait", "ready10", phase)
-        yield ("issue", kv(1, odd)[:1])
+        yield ("mb_wait", at("ready11"), phase)
+        yield ("issue", kv(cta, 1, 1, odd))
+        yield ("mb_wait", at("ready10"), phase)
+        yield ("issue", kv(cta, 1, 0, odd))
         yield ("retire", 0)
-        yield ("mb_wait", "valid_ready1", phase)
-        yield ("bar_sync", MAX_EVEN)
-        yield ("read", "m", ("m", even))
-        yield ("read", "valid1", ("valid", odd))
-        yield ("write", "m", ("m", odd))
-        yield ("bar_arrive", MAX_ODD)
-        yield ("issue", [("k1h1v", ("kv", odd))])          # own P V, V columns 256-511
-        yield ("write", "p_odd", ("P", odd))
-        yield ("bar_sync", P_EVEN)
-        yield ("issue", [("k0rope", ("P", even)), ("k0h1v", ("kv", even))])  # peer P V
-        yield ("bar_arrive", P_ODD)
+        yield ("mb_wait", at("valid_ready1"), phase)
+        yield ("bar_sync", at(MAX_EVEN))
+        yield ("read", at("m"), ("m", even))
+        yield ("read", at("valid1"), ("valid", odd))
+        yield ("write", at("m"), ("m", odd))
+        yield ("bar_arrive", at(MAX_ODD))
+        yield ("issue", [(r, ("kv", odd)) for r in cta.latent(1, 1, cta.rows)])  # own P V
+        yield ("write", at("p_odd"), ("P", odd))
+        yield ("bar_sync", at(P_EVEN))
+        yield ("issue", [(at("k0rope"), ("P", even))]
+               + [(r, ("kv", even)) for r in cta.latent(0, 1, cta.rows)])  # peer P V
+        yield ("bar_arrive", at(P_ODD))
         yield ("retire", 1)
-        yield ("mb_arrive", "freed11")
+        yield from free(cta, 1, 1)
         yield ("retire", 0)
-        yield ("mb_arrive", "freed01")
+        yield from free(cta, 0, 1)
 
 
-def run(n_tiles, fp8, rng):
-    m = Machine()
-    roles = {"producer": producer(m, n_tiles, fp8), "wg0": math_wg0(m, n_tiles),
-             "wg1": math_wg1(m, n_tiles)}
+def run(n_tiles, fp8, rng, paired=False):
+    ctas = [Cta(c, paired) for c in ((0, 1) if paired else (0,))]
+    # Paired, a tile half is ready once both producers delivered their rows, and free once both
+    # CTAs' readers are done (freed: 128 local threads + 4 remote warps; ready: 128 local
+    # arrivals, one of them expecting the peer's st.async bytes).
+    need = {"ready": 2, "freed": PAIRED_FREED_ARRIVALS}
+    m = Machine({cta.at(f"{kind}{b}{h}"): need[kind] for cta in ctas for kind in need
+                 for b in (0, 1) for h in (0, 1)} if paired else None)
+    roles = {}
+    for cta in ctas:
+        roles[cta.at("producer")] = producer(m, n_tiles, fp8, cta)
+        roles[cta.at("wg0")] = math_wg0(m, n_tiles, cta)
+        roles[cta.at("wg1")] = math_wg1(m, n_tiles, cta)
     blocked = {}  # role -> the action it waits on
     steps = 0
     while roles:
@@ -206,7 +260,7 @@ def run(n_tiles, fp8, rng):
         kind = act[0]
         if kind == "mb_wait":
             blocked[role] = act
-        elif kind == "mb_arrive":
+        elif kind in ("mb_arrive", "mb_arrive_peer", "mb_complete_tx"):
             m.mb_arrive(act[1])
         elif kind == "bar_arrive":
             m.bar_arrive(role, act[1])
@@ -224,15 +278,15 @@ def run(n_tiles, fp8, rng):
     return steps
 
 
-@pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
+@pytest.mark.parametrize("fill", ["bf16", "fp8", "fp8-paired"])
 @pytest.mark.parametrize("n_tiles", [0, 1, 2, 3, 4, 7, 8])
-def test_handoffs_hold_under_random_interleavings(n_tiles, fp8):
-    rng = random.Random(1000 * n_tiles + fp8)
+def test_handoffs_hold_under_random_interleavings(n_tiles, fill):
+    rng = random.Random(1000 * n_tiles + len(fill))
     for _ in range(300):
-        run(n_tiles, fp8, rng)
+        run(n_tiles, fill != "bf16", rng, paired=fill == "fp8-paired")
 
 
-def assert_mutant_caught(role, dropped, n_tiles, seed):
+def assert_mutant_caught(role, dropped, n_tiles, seed, fill="bf16"):
     """Runs with `role` (a generator function of this module) minus the actions `dropped`
     matches; the checker must raise."""
     original = globals()[role]
@@ -245,17 +299,25 @@ def assert_mutant_caught(role, dropped, n_tiles, seed):
     try:
         with pytest.raises(Hazard):
             for _ in range(300):
-                run(n_tiles, False, rng)
+                run(n_tiles, fill != "bf16", rng, paired=fill == "fp8-paired")
     finally:
         globals()[role] = original
 
 
 def test_the_checker_catches_a_missing_handoff():
     """WG1 reading the running max without waiting for WG0's bar.arrive must be caught."""
-    assert_mutant_caught("math_wg1", lambda act: act == ("bar_sync", MAX_EVEN), 4, 7)
+    assert_mutant_caught("math_wg1", lambda act: act == ("bar_sync", "0:" + MAX_EVEN), 4, 7)
 
 
 def test_the_checker_catches_an_early_refill():
     """A producer that refills buffer 0's second half without waiting for WG1's peer P V to free
     it overwrites P of the even tile (or V) while it is still read."""
-    assert_mutant_caught("producer", lambda act: act[:2] == ("mb_wait", "freed01"), 6, 11)
+    assert_mutant_caught("producer", lambda act: act[:2] == ("mb_wait", "0:freed01"), 6, 11)
+
+
+
+def test_the_checker_catches_a_paired_refill_before_the_peer_read(monkeypatch):
+    """Paired: with a free barrier that counts only its own CTA's reader, the other CTA's producer
+    writes its rows into this CTA's tile while this CTA's wgmma still reads them."""
+    monkeypatch.setattr(__import__(__name__), "PAIRED_FREED_ARRIVALS", 1)
+    assert_mutant_caught("free", lambda act: act[0] == "mb_arrive_peer", 6, 13, "fp8-paired")
