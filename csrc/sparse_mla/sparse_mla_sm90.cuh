@@ -128,7 +128,8 @@ struct SharedStorage {
   int64_t rows[2][2][kBlockKeys];           // [pair % 2][buffer][key]: KV row, -1 masked
   uint32_t valid[2][2];                     // [buffer][word]: bit k of word w = key 32 w + k
   float m_exchange[kHeadsPerCta];           // running row max (raw score), handed WG0 <-> WG1
-  float l_exchange[2][kHeadsPerCta];        // per-warpgroup row sums, epilogue
+  float row_exchange[2][kHeadsPerCta];      // epilogue: row sums per warpgroup (alternating);
+                                            // WG0's row sum and max (serial)
   uint64_t q_ready;
   uint64_t ready[2][2];                     // [buffer][half]: filled (producer -> math)
   uint64_t freed[2][2];                     // [buffer][half]: last reader done (math -> producer)
@@ -154,6 +155,9 @@ enum NamedBarrierId : uint32_t {
   kPOddReady = 4,     // WG1 -> WG0: P of the odd tile in smem
   kProducerSync = 5,  // producer warpgroup: row ids written, FP8 staging landed / read
   kRowSums = 6,       // epilogue: both warpgroups' row sums in smem
+  // The serial schedule (decode) uses 1 and 2 instead as:
+  kSerialPReady = 1,  // WG0 -> WG1: P and alpha of a tile in smem
+  kSerialPFree = 2,   // WG1 -> WG0: done with them
 };
 
 // The same value, but the compiler may not assume so: address arithmetic derived from it stays at
@@ -207,6 +211,11 @@ __device__ __forceinline__ void wait_cluster(uint64_t* bar, uint32_t phase) {
 // ---- problem -------------------------------------------------------------------------------
 
 enum class Mode { kPrefill, kDecodeBf16, kDecodeFp8 };
+
+// Decode runs the serial schedule (WG0: S, softmax and its P V; WG1: the other P V; whole tiles
+// refilled a tile ahead), prefill the alternating one (the warpgroups take alternate tiles). See
+// the kernel.
+constexpr bool serial_schedule(Mode mode) { return mode != Mode::kPrefill; }
 
 // Everything a CTA needs, for both ops. Query row `r` is prefill's s or decode's b * next_n + j.
 struct Problem {
@@ -484,6 +493,7 @@ template <Mode kMode, bool kPaired>
 __device__ __forceinline__ void producer(const Problem& p, SharedStorage& ss, int64_t qrow,
                                          int head0, int heads, int64_t key0, int n_tiles, int pt) {
   constexpr bool kFp8 = kMode == Mode::kDecodeFp8;
+  constexpr bool kSerial = serial_schedule(kMode);
   constexpr int64_t kRowBytes = kFp8 ? kMlaFp8RowBytes : kMlaDimQK * 2;
   const void* fallback = p.q;
   {
@@ -533,69 +543,98 @@ __device__ __forceinline__ void producer(const Problem& p, SharedStorage& ss, in
         cutlass::arch::ClusterBarrier::arrive(&ss.valid_ready[b]);
       }
     };
-    // The order the math warpgroups release them: WG0 frees buffer 0 half 0 after its own P V,
-    // WG1 buffer 1 half 1 after its own, then each the other's buffer after the peer P V.
-    constexpr int kFillBuffer[4] = {0, 1, 0, 1};
-    constexpr int kFillHalf[4] = {0, 1, 1, 0};
-    if constexpr (kFp8) {
-      // Addresses recomputed per pair (see opaque()): hoisted out of the pair loop they spill more
-      // (ptxas: 356 B of spill loads instead of 212).
-      const int pt_pair = opaque(pt);
-      const int first_row = kPaired ? int(cute::block_rank_in_cluster()) * Fp8Rows<true>::kCount : 0;
-      const uint32_t peer_delta =
-          kPaired ? map_to_cta(smem_kv0, cute::block_rank_in_cluster() ^ 1u) - smem_kv0 : 0;
-      // Two halves are staged (freed, their cp.asyncs in flight) before either is dequantised, so
-      // one fetch's latency overlaps the other's; the two freed mid-pair (fills 0, 1) are done
-      // before the producer waits for the two freed at the pair's end (2, 3), which leaves only
-      // those on the boundary where both math warpgroups wait.
-      auto stage = [&](auto f) {
-        constexpr int b = kFillBuffer[f], h = kFillHalf[f];
-        const uint32_t dst = smem_kv0 + b * kTileBytes;
-        if constexpr (kPaired) {
-          wait_cluster(&ss.freed[b][h], free_phase);  // both CTAs' readers are done
+    auto wait_free = [&](auto b, auto h) {
+      if constexpr (kPaired) {
+        wait_cluster(&ss.freed[b][h], free_phase);  // both CTAs' readers are done
+      } else {
+        cutlass::arch::ClusterBarrier::wait(&ss.freed[b][h], free_phase);
+      }
+    };
+    // Fills of buffer b, half h. bf16: cp.async, the mbarrier completes when they land. FP8: the
+    // raw bytes are staged (cp.async) and later dequantised in place (see Fp8Staging).
+    auto copy_half = [&](auto b, auto h) {
+      copy_bf16_half<h>(smem_kv0 + b * kTileBytes, p.kv, kRowBytes, ss.rows[slot][b], fallback,
+                        pt);
+      cutlass::arch::cpasync_barrier_arrive_noinc(&ss.ready[b][h]);
+    };
+    // Addresses recomputed per pair (see opaque()): hoisted out of the pair loop they spill more
+    // (ptxas: 356 B of spill loads instead of 212).
+    const int pt_pair = opaque(pt);
+    const int first_row = kPaired ? int(cute::block_rank_in_cluster()) * Fp8Rows<true>::kCount : 0;
+    const uint32_t peer_delta =
+        kPaired ? map_to_cta(smem_kv0, cute::block_rank_in_cluster() ^ 1u) - smem_kv0 : 0;
+    auto stage_half = [&](auto b, auto h) {
+      const uint32_t dst = smem_kv0 + b * kTileBytes;
+      stage_fp8_half<h, kPaired>(dst, p.kv, ss.rows[slot][b], first_row, fallback, pt_pair);
+      if constexpr (h == 1) copy_fp8_rope(dst, p.kv, ss.rows[slot][b], fallback, pt_pair);
+      cute::cp_async_fence();
+    };
+    auto dequant_half = [&](auto b, auto h, auto groups_left) {
+      cute::cp_async_wait<decltype(groups_left)::value>();
+      named_sync(kProducerSync, kProducerThreads);  // every thread's staged bytes have landed
+      const uint32_t dst = smem_kv0 + b * kTileBytes;
+      const uint32_t ready = cute::cast_smem_ptr_to_uint(&ss.ready[b][h]);
+      dequant_fp8_half<h, kPaired>(dst, first_row, pt_pair, kProducerSync, peer_delta,
+                                   ready + peer_delta);
+      cutlass::arch::fence_view_async_shared();  // st.shared / cp.async -> wgmma (async proxy)
+      if (kPaired && pt_pair == 0) {
+        // The peer's rows arrive by st.async and complete transaction bytes on this barrier.
+        cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(
+            &ss.ready[b][h], Fp8Rows<kPaired>::kPeerBytes);
+      } else {
+        cutlass::arch::ClusterBarrier::arrive(&ss.ready[b][h]);
+      }
+    };
+    using cute::Int;
+    if constexpr (kSerial) {
+      // Whole tiles: buffer b is free once both P V of its previous tile are done (freed[b][0]).
+      cute::for_each(cute::make_int_sequence<2>{}, [&](auto b) {
+        if (2 * pair + b >= n_tiles) return;  // no phantom tile in this schedule
+        wait_free(b, Int<0>{});
+        publish_valid(b);
+        if constexpr (kFp8) {
+          stage_half(b, Int<0>{});
+          stage_half(b, Int<1>{});
+          dequant_half(b, Int<0>{}, Int<1>{});
+          dequant_half(b, Int<1>{}, Int<0>{});
         } else {
-          cutlass::arch::ClusterBarrier::wait(&ss.freed[b][h], free_phase);
+          copy_half(b, Int<0>{});
+          copy_half(b, Int<1>{});
         }
+      });
+    } else {
+      // The order the math warpgroups release them: WG0 frees buffer 0 half 0 after its own P V,
+      // WG1 buffer 1 half 1 after its own, then each the other's buffer after the peer P V.
+      constexpr int kFillBuffer[4] = {0, 1, 0, 1};
+      constexpr int kFillHalf[4] = {0, 1, 1, 0};
+      auto fill = [&](auto f) {
+        constexpr int b = kFillBuffer[f], h = kFillHalf[f];
+        wait_free(Int<b>{}, Int<h>{});
         if (h == b) publish_valid(b);
-        stage_fp8_half<h, kPaired>(dst, p.kv, ss.rows[slot][b], first_row, fallback, pt_pair);
-        if constexpr (h == 1) copy_fp8_rope(dst, p.kv, ss.rows[slot][b], fallback, pt_pair);
-        cute::cp_async_fence();
+        if constexpr (kFp8) {
+          stage_half(Int<b>{}, Int<h>{});
+        } else {
+          copy_half(Int<b>{}, Int<h>{});
+        }
       };
       auto dequant = [&](auto f, auto groups_left) {
-        constexpr int b = kFillBuffer[f], h = kFillHalf[f];
-        cute::cp_async_wait<decltype(groups_left)::value>();
-        named_sync(kProducerSync, kProducerThreads);  // every thread's staged bytes have landed
-        const uint32_t dst = smem_kv0 + b * kTileBytes;
-        const uint32_t ready = cute::cast_smem_ptr_to_uint(&ss.ready[b][h]);
-        dequant_fp8_half<h, kPaired>(dst, first_row, pt_pair, kProducerSync, peer_delta,
-                                     ready + peer_delta);
-        cutlass::arch::fence_view_async_shared();  // st.shared / cp.async -> wgmma (async proxy)
-        if (kPaired && pt_pair == 0) {
-          // The peer's rows arrive by st.async and complete transaction bytes on this barrier.
-          cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(
-              &ss.ready[b][h], Fp8Rows<kPaired>::kPeerBytes);
-        } else {
-          cutlass::arch::ClusterBarrier::arrive(&ss.ready[b][h]);
-        }
+        dequant_half(Int<kFillBuffer[f]>{}, Int<kFillHalf[f]>{}, groups_left);
       };
-      using cute::Int;
-      stage(Int<0>{});
-      stage(Int<1>{});
-      dequant(Int<0>{}, Int<1>{});
-      dequant(Int<1>{}, Int<0>{});
-      stage(Int<2>{});
-      stage(Int<3>{});
-      dequant(Int<2>{}, Int<1>{});
-      dequant(Int<3>{}, Int<0>{});
-    } else {
-      cute::for_each(cute::make_int_sequence<4>{}, [&](auto f) {
-        constexpr int b = kFillBuffer[f], h = kFillHalf[f];
-        cutlass::arch::ClusterBarrier::wait(&ss.freed[b][h], free_phase);
-        if (h == b) publish_valid(b);
-        copy_bf16_half<h>(smem_kv0 + b * kTileBytes, p.kv, kRowBytes, ss.rows[slot][b], fallback,
-                          pt);
-        cutlass::arch::cpasync_barrier_arrive_noinc(&ss.ready[b][h]);
-      });
+      if constexpr (kFp8) {
+        // Two halves are staged (freed, their cp.asyncs in flight) before either is dequantised,
+        // so one fetch's latency overlaps the other's; the two freed mid-pair (fills 0, 1) are
+        // done before the producer waits for the two freed at the pair's end (2, 3).
+        fill(Int<0>{});
+        fill(Int<1>{});
+        dequant(Int<0>{}, Int<1>{});
+        dequant(Int<1>{}, Int<0>{});
+        fill(Int<2>{});
+        fill(Int<3>{});
+        dequant(Int<2>{}, Int<1>{});
+        dequant(Int<3>{}, Int<0>{});
+      } else {
+        cute::for_each(cute::make_int_sequence<4>{}, fill);
+      }
     }
   }
   cute::cp_async_wait<0>();
@@ -650,6 +689,7 @@ template <Mode kMode, bool kPaired>
 __global__ void __launch_bounds__(kThreads, 1)
     sparse_mla_fwd_kernel(const __grid_constant__ Problem p) {
   static_assert(!kPaired || kMode == Mode::kDecodeFp8, "only the FP8 fill is shared");
+  constexpr bool kSerial = serial_schedule(kMode);
   using namespace cute;
   constexpr float kNegInf = -__builtin_huge_valf();
 
@@ -680,8 +720,10 @@ __global__ void __launch_bounds__(kThreads, 1)
     for (int b = 0; b < 2; ++b) {
       for (int h = 0; h < 2; ++h) {
         ClusterBarrier::init(&ss.ready[b][h], kProducerThreads);
-        // Paired: also lane 0 of each warp of the peer's reader (it reads its own copy).
-        ClusterBarrier::init(&ss.freed[b][h], 128 + (kPaired ? 4 : 0));
+        // One arrival per thread of the tile's last reader (serial: both warpgroups; freed[b][1]
+        // unused); paired, also lane 0 of each warp of the peer's reader(s) of its own copy.
+        const int readers = kSerial ? 2 : 1;
+        ClusterBarrier::init(&ss.freed[b][h], readers * (128 + (kPaired ? 4 : 0)));
       }
       ClusterBarrier::init(&ss.valid_ready[b], 2);  // lane 0 of the two warps resolving buffer b
     }
@@ -719,8 +761,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   auto frag_q = [&] {
     return thr_s.partition_fragment_A(make_tensor(make_smem_ptr(opaque(q_ptr)), SmemLayoutQ{}));
   };
-  auto frag_k = [&] {
-    return thr_s.partition_fragment_B(make_tensor(make_smem_ptr(opaque(own_buf)), SmemLayoutK{}));
+  auto frag_k = [&](bf16* buf) {
+    return thr_s.partition_fragment_B(make_tensor(make_smem_ptr(opaque(buf)), SmemLayoutK{}));
   };
   auto frag_v = [&](auto& thr, bf16* buf) {
     Tensor v = make_tensor(make_smem_ptr(opaque(buf)), SmemLayoutVt{});
@@ -730,6 +772,10 @@ __global__ void __launch_bounds__(kThreads, 1)
   auto frag_peer_p = [&] {
     return thr_peer.partition_fragment_A(make_tensor(make_smem_ptr(opaque(peer_p)), SmemLayoutP{}));
   };
+  auto frag_p_odd = [&] {
+    return thr_peer.partition_fragment_A(make_tensor(make_smem_ptr(opaque(p_odd)), SmemLayoutP{}));
+  };
+  const uint32_t smem_p_odd = cute::cast_smem_ptr_to_uint(p_odd);
   const uint32_t smem_p_own = cute::cast_smem_ptr_to_uint(wg == 0 ? p_even : p_odd);
 
   Tensor rS = partition_fragment_C(mma_s, Shape<_64, _64>{});  // S, then P in fp32
@@ -745,10 +791,10 @@ __global__ void __launch_bounds__(kThreads, 1)
   float m_run[2] = {kNegInf, kNegInf};  // raw-score row max that O and l are relative to
   float l_run[2] = {0.0f, 0.0f};        // this warpgroup's tiles only, same reference
 
-  // Masks this warpgroup's S, folds its row max into m_prev and makes P relative to the result
-  // (rS: fp32 P, rP: bf16 P); O and l move to the new reference. Returns nothing: m_run is it.
-  auto softmax_own = [&](const float (&m_prev)[2]) {
-    const uint32_t v0 = ss.valid[wg][0], v1 = ss.valid[wg][1];
+  // Masks S of the tile in buffer b, folds its row max into m_prev and makes P relative to the
+  // result (rS: fp32 P, rP: bf16 P); O and l move to the new reference by `alpha` (m_run is it).
+  auto softmax_own = [&](const float (&m_prev)[2], int b, float (&alpha)[2]) {
+    const uint32_t v0 = ss.valid[b][0], v1 = ss.valid[b][1];
     float mx[2] = {kNegInf, kNegInf};
     CUTE_UNROLL
     for (int e = 0; e < size(rS); ++e) {
@@ -758,7 +804,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       rS(e) = s;
       mx[(e / 2) % 2] = fmaxf(mx[(e / 2) % 2], s);
     }
-    float alpha[2], m_scaled[2];
+    float m_scaled[2];
     CUTE_UNROLL
     for (int h = 0; h < 2; ++h) {
       const float m_new = fmaxf(m_prev[h], quad_max(mx[h]));
@@ -802,22 +848,92 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   using cutlass::arch::ClusterBarrier;
   ClusterBarrier::wait(&ss.q_ready, 0);
-  if (wg == 0) {
+  if constexpr (kSerial) {
+    // WG0: S of every tile, the softmax (the one running max), P to smem for WG1, P V of O
+    // columns 0-255 from registers; S of the next tile overlaps that P V. WG1: rescales its O by
+    // WG0's alpha and multiplies P from smem into O columns 256-511. A buffer is free once both
+    // P V of its tile are done, a whole tile before its next use.
+    bf16* const buf0 = reinterpret_cast<bf16*>(ss.kv[0]);
+    bf16* const buf1 = reinterpret_cast<bf16*>(ss.kv[1]);
+    if (wg == 0) {
+      if (n_tiles > 0) {
+        ClusterBarrier::wait(&ss.ready[0][0], 0);
+        warpgroup_fence_operand(rS);
+        issue_s<0, 16>(mma_s, frag_q(), frag_k(buf0), rS, true);
+        ClusterBarrier::wait(&ss.ready[0][1], 0);
+        issue_s<16, 36>(mma_s, frag_q(), frag_k(buf0), rS, false);
+        wait_s();
+      }
+      for (int tile = 0; tile < n_tiles; ++tile) {
+        const int b = tile & 1;
+        ClusterBarrier::wait(&ss.valid_ready[b], (tile >> 1) & 1);
+        const float m_prev[2] = {m_run[0], m_run[1]};
+        float alpha[2];
+        softmax_own(m_prev, b, alpha);
+        if (tile > 0) named_sync(kSerialPFree, kMathThreads);  // WG1 done with P, alpha of tile-1
+        store_p(rS, 1.0f, 1.0f, smem_p_odd, row_in_wg, lane);
+        if (lane % 4 == 0) {
+          ss.m_exchange[row_in_wg] = alpha[0];
+          ss.m_exchange[row_in_wg + 8] = alpha[1];
+        }
+        cutlass::arch::fence_view_async_shared();
+        named_arrive(kSerialPReady, kMathThreads);
+        warpgroup_fence_operand(rO);
+        warpgroup_fence_operand(rP);
+        issue_pv(mma_own, rP, frag_v(thr_own, b ? buf1 : buf0), rO);
+        if (tile + 1 < n_tiles) {
+          const int nb = b ^ 1;
+          const uint32_t next_phase = ((tile + 1) >> 1) & 1;
+          ClusterBarrier::wait(&ss.ready[nb][0], next_phase);
+          warpgroup_fence_operand(rS);
+          issue_s<0, 16>(mma_s, frag_q(), frag_k(nb ? buf1 : buf0), rS, true);
+          warpgroup_wait<1>();
+          free_half(&ss.freed[b][0]);
+          ClusterBarrier::wait(&ss.ready[nb][1], next_phase);
+          issue_s<16, 36>(mma_s, frag_q(), frag_k(nb ? buf1 : buf0), rS, false);
+          wait_s();
+        } else {
+          warpgroup_wait<0>();
+          free_half(&ss.freed[b][0]);
+        }
+        warpgroup_fence_operand(rO);
+      }
+    } else {
+      for (int tile = 0; tile < n_tiles; ++tile) {
+        const int b = tile & 1;
+        named_sync(kSerialPReady, kMathThreads);
+        float alpha[2];
+        CUTE_UNROLL
+        for (int h = 0; h < 2; ++h) alpha[h] = ss.m_exchange[row_in_wg + 8 * h];
+        if (__any_sync(0xFFFFFFFFu, alpha[0] != 1.0f || alpha[1] != 1.0f)) {
+          CUTE_UNROLL
+          for (int e = 0; e < size(rO); ++e) rO(e) *= alpha[(e / 2) % 2];
+        }
+        warpgroup_fence_operand(rO);
+        issue_pv(mma_peer, frag_p_odd(), frag_v(thr_peer, b ? buf1 : buf0), rO);
+        warpgroup_wait<0>();
+        warpgroup_fence_operand(rO);
+        free_half(&ss.freed[b][0]);
+        if (tile + 1 < n_tiles) named_arrive(kSerialPFree, kMathThreads);
+      }
+    }
+  } else if (wg == 0) {
     // Even tiles (buffer 0); O columns 0-255. S of the first even tile before the loop, of the
     // next one at the end of each pair (overlapping the peer P V).
     if (n_pairs > 0) {
       ClusterBarrier::wait(&ss.ready[0][0], 0);
       warpgroup_fence_operand(rS);
-      issue_s<0, 16>(mma_s, frag_q(), frag_k(), rS, true);
+      issue_s<0, 16>(mma_s, frag_q(), frag_k(own_buf), rS, true);
       ClusterBarrier::wait(&ss.ready[0][1], 0);
-      issue_s<16, 36>(mma_s, frag_q(), frag_k(), rS, false);
+      issue_s<16, 36>(mma_s, frag_q(), frag_k(own_buf), rS, false);
       wait_s();
     }
     for (int pair = 0; pair < n_pairs; ++pair) {
       const uint32_t phase = pair & 1;
       ClusterBarrier::wait(&ss.valid_ready[0], phase);
       const float m_prev[2] = {m_run[0], m_run[1]};
-      softmax_own(m_prev);
+      float alpha[2];
+      softmax_own(m_prev, 0, alpha);
       publish_max();
       named_arrive(kMaxEvenReady, kMathThreads);
       warpgroup_fence_operand(rO);
@@ -852,11 +968,11 @@ __global__ void __launch_bounds__(kThreads, 1)
         // The next even tile's S overlaps the peer P V; buffer 1 half 0 is free once that is done.
         ClusterBarrier::wait(&ss.ready[0][0], phase ^ 1);
         warpgroup_fence_operand(rS);
-        issue_s<0, 16>(mma_s, frag_q(), frag_k(), rS, true);
+        issue_s<0, 16>(mma_s, frag_q(), frag_k(own_buf), rS, true);
         warpgroup_wait<1>();
         free_half(&ss.freed[1][0]);
         ClusterBarrier::wait(&ss.ready[0][1], phase ^ 1);
-        issue_s<16, 36>(mma_s, frag_q(), frag_k(), rS, false);
+        issue_s<16, 36>(mma_s, frag_q(), frag_k(own_buf), rS, false);
         wait_s();
       } else {
         warpgroup_wait<0>();
@@ -870,16 +986,17 @@ __global__ void __launch_bounds__(kThreads, 1)
       const uint32_t phase = pair & 1;
       ClusterBarrier::wait(&ss.ready[1][1], phase);
       warpgroup_fence_operand(rS);
-      issue_s<16, 36>(mma_s, frag_q(), frag_k(), rS, true);
+      issue_s<16, 36>(mma_s, frag_q(), frag_k(own_buf), rS, true);
       ClusterBarrier::wait(&ss.ready[1][0], phase);
-      issue_s<0, 16>(mma_s, frag_q(), frag_k(), rS, false);
+      issue_s<0, 16>(mma_s, frag_q(), frag_k(own_buf), rS, false);
       wait_s();
       ClusterBarrier::wait(&ss.valid_ready[1], phase);
       named_sync(kMaxEvenReady, kMathThreads);
       float m_prev[2];
       CUTE_UNROLL
       for (int h = 0; h < 2; ++h) m_prev[h] = ss.m_exchange[row_in_wg + 8 * h];
-      softmax_own(m_prev);
+      float alpha[2];
+      softmax_own(m_prev, 1, alpha);
       publish_max();
       named_arrive(kMaxOddReady, kMathThreads);
       warpgroup_fence_operand(rO);
@@ -899,10 +1016,21 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
 
   // -- epilogue: row sums over both warpgroups, normalise, store --
+  // Alternating: both warpgroups' row sums (one reference). Serial: WG0's row sum and max.
   CUTE_UNROLL
   for (int h = 0; h < 2; ++h) {
     l_run[h] = quad_sum(l_run[h]);
-    if (lane % 4 == 0) ss.l_exchange[wg][row_in_wg + 8 * h] = l_run[h];
+    const int r = row_in_wg + 8 * h;
+    if (lane % 4 == 0) {
+      if constexpr (kSerial) {
+        if (wg == 0) {
+          ss.row_exchange[0][r] = l_run[h];
+          ss.row_exchange[1][r] = m_run[h];
+        }
+      } else {
+        ss.row_exchange[wg][r] = l_run[h];
+      }
+    }
   }
   named_sync(kRowSums, kMathThreads);
   const int64_t rows_heads = p.rows * p.Hq;
@@ -910,9 +1038,11 @@ __global__ void __launch_bounds__(kThreads, 1)
   CUTE_UNROLL
   for (int h = 0; h < 2; ++h) {
     const int r = row_in_wg + 8 * h;
-    const float l = ss.l_exchange[0][r] + ss.l_exchange[1][r];  // same order in both warpgroups
+    // Same order in both warpgroups.
+    const float l = kSerial ? ss.row_exchange[0][r] : ss.row_exchange[0][r] + ss.row_exchange[1][r];
+    const float m = kSerial ? ss.row_exchange[1][r] : m_run[h];
     inv[h] = l > 0.0f ? 1.0f / l : 0.0f;
-    const float lse = l > 0.0f ? m_run[h] * p.sm_scale + logf(l) : kNegInf;
+    const float lse = l > 0.0f ? m * p.sm_scale + logf(l) : kNegInf;
     const int64_t rh = qrow * p.Hq + head0 + r;
     if (r < heads && wg == 0 && lane % 4 == 0) {
       if (p.splits == 1) {
