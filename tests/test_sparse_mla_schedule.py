@@ -1,10 +1,12 @@
 """The warpgroup handoffs of the sparse MLA kernel (csrc/sparse_mla/sparse_mla_sm90.cuh), replayed
-in Python under random interleavings: the producer's fills of the two tile buffers (bf16 order and
-the FP8 stage / dequantise order, and the paired FP8 fill of Hq = 128, where the two CTAs of a
-cluster each convert half of every tile's rows into both CTAs' tiles), both math warpgroups' S,
-softmax handoffs and P V, with the kernel's mbarriers (parity waits; one arrival per warpgroup,
-two when both CTAs of a pair take part), named barriers (bar.arrive / bar.sync generations) and
-wgmma batches (smem read from issue until the wait that retires them).
+in Python under random interleavings: the alternating schedule of prefill (the math warpgroups
+take alternate tiles, the producer refills tile halves in the order they are freed) and the serial
+schedule of decode (WG0: S, softmax and its P V; WG1: the other P V from P in smem; whole tiles
+refilled), the latter with bf16 rows, FP8 rows (staged, then dequantised) and the paired FP8
+fill of Hq = 128, where the two CTAs of a cluster each convert half of every tile's rows into
+both CTAs' tiles. Modelled: the kernel's mbarriers (parity waits; the arrivals each phase
+needs), named barriers (bar.arrive / bar.sync generations) and wgmma batches (smem read from
+issue until the wait that retires them).
 
 Checked for every interleaving: no deadlock; every read (at issue and until retired) sees the
 write it is meant to see (the right tile's rows, the right tile's P, the running max after the
@@ -18,7 +20,8 @@ import random
 import pytest
 
 MAX_EVEN, MAX_ODD, P_EVEN, P_ODD = "max_even", "max_odd", "p_even_ready", "p_odd_ready"
-PAIRED_FREED_ARRIVALS = 2  # a paired CTA's tile half is free once both CTAs' readers are done
+P_READY, P_FREE = "p_ready", "p_free"  # the serial schedule's two handoffs
+PAIRED_FREED_CTAS = 2  # a paired CTA's tile half is free once both CTAs' readers are done
 
 
 class Hazard(AssertionError):
@@ -103,46 +106,53 @@ class Cta:
 
 
 def producer(m, n_tiles, fp8, cta):
-    n_pairs = (n_tiles + 1) // 2
+    """The alternating schedule's fills (prefill, bf16 rows): halves in the order they are freed."""
+    assert not fp8, "FP8 rows only come with the decode (serial) schedule"
     order = [(0, 0), (1, 1), (0, 1), (1, 0)]  # (buffer, half) in the order they are freed
-    own = (cta.c,) if cta.paired else cta.rows
-
-    def valid(pair, b, h):
-        if h == b:  # the valid words go with the first half of the buffer its reader frees
-            yield ("write", cta.at(f"valid{b}"), ("valid", 2 * pair + b))
-            yield ("mb_arrive", cta.at(f"valid_ready{b}"))
-
-    for pair in range(n_pairs):
+    for pair in range((n_tiles + 1) // 2):
         free_parity = (pair & 1) ^ 1
-        if not fp8:
-            for b, h in order:
-                yield ("mb_wait", cta.at(f"freed{b}{h}"), free_parity)
-                yield from valid(pair, b, h)
-                for r in cta.half(b, h):
-                    yield ("write", r, ("kv", 2 * pair + b))
-                yield ("mb_arrive", cta.at(f"ready{b}{h}"))
-        else:
-            def stage(b, h):
-                yield ("mb_wait", cta.at(f"freed{b}{h}"), free_parity)
-                yield from valid(pair, b, h)
-                # raw FP8 bytes of this CTA's rows, staged where they become bf16; RoPE: bf16
-                for r in cta.latent(b, h, own) + ([cta.at(f"k{b}rope")] if h == 1 else []):
-                    yield ("write", r, ("raw", 2 * pair + b))
+        for b, h in order:
+            yield ("mb_wait", cta.at(f"freed{b}{h}"), free_parity)
+            if h == b:  # the valid words go with the first half of the buffer its reader frees
+                yield ("write", cta.at(f"valid{b}"), ("valid", 2 * pair + b))
+                yield ("mb_arrive", cta.at(f"valid_ready{b}"))
+            for r in cta.half(b, h):
+                yield ("write", r, ("kv", 2 * pair + b))
+            yield ("mb_arrive", cta.at(f"ready{b}{h}"))
 
-            def dequant(b, h):
-                for r in cta.latent(b, h, own) + ([cta.at(f"k{b}rope")] if h == 1 else []):
-                    yield ("write", r, ("kv", 2 * pair + b))
+
+def producer_serial(m, n_tiles, fp8, cta):
+    """The serial schedule's fills (decode): whole tiles, buffer b once both P V of its previous
+    tile are done (freed{b}0); FP8: both halves staged, then dequantised; paired: this CTA's rows
+    into both CTAs' tiles."""
+    own = (cta.c,) if cta.paired else cta.rows
+    for pair in range((n_tiles + 1) // 2):
+        for b in (0, 1):
+            tile = 2 * pair + b
+            if tile >= n_tiles:
+                continue
+            yield ("mb_wait", cta.at(f"freed{b}0"), (pair & 1) ^ 1)
+            yield ("write", cta.at(f"valid{b}"), ("valid", tile))
+            yield ("mb_arrive", cta.at(f"valid_ready{b}"))
+            if not fp8:
+                for h in (0, 1):
+                    for r in cta.half(b, h):
+                        yield ("write", r, ("kv", tile))
+                    yield ("mb_arrive", cta.at(f"ready{b}{h}"))
+                continue
+            local = {h: cta.latent(b, h, own) + ([cta.at(f"k{b}rope")] if h == 1 else [])
+                     for h in (0, 1)}
+            for h in (0, 1):  # raw FP8 bytes of this CTA's rows, staged where they become bf16
+                for r in local[h]:
+                    yield ("write", r, ("raw", tile))
+            for h in (0, 1):
+                for r in local[h]:
+                    yield ("write", r, ("kv", tile))
                 yield ("mb_arrive", cta.at(f"ready{b}{h}"))
                 if cta.paired:  # st.async into the peer: its ready barrier counts the bytes
                     for r in cta.latent(b, h, own, cta.peer):
-                        yield ("write", r, ("kv", 2 * pair + b))
+                        yield ("write", r, ("kv", tile))
                     yield ("mb_complete_tx", cta.at(f"ready{b}{h}", cta.peer))
-
-            for lo, hi in ((0, 1), (2, 3)):
-                yield from stage(*order[lo])
-                yield from stage(*order[hi])
-                yield from dequant(*order[lo])
-                yield from dequant(*order[hi])
 
 
 def kv(cta, b, h, t):
@@ -221,19 +231,77 @@ def math_wg1(m, n_tiles, cta):
         yield from free(cta, 0, 1)
 
 
-def run(n_tiles, fp8, rng, paired=False):
+def math_wg0_serial(m, n_tiles, cta):
+    at = cta.at
+    if n_tiles:
+        yield ("mb_wait", at("ready00"), 0)
+        yield ("issue", kv(cta, 0, 0, 0))
+        yield ("mb_wait", at("ready01"), 0)
+        yield ("issue", kv(cta, 0, 1, 0))
+        yield ("retire", 0)
+    for t in range(n_tiles):
+        b = t & 1
+        yield ("mb_wait", at(f"valid_ready{b}"), (t >> 1) & 1)
+        yield ("read", at(f"valid{b}"), ("valid", t))
+        if t > 0:
+            yield ("bar_sync", at(P_FREE))
+        yield ("write", at("p_odd"), ("P", t))
+        yield ("write", at("alpha"), ("alpha", t))
+        yield ("bar_arrive", at(P_READY))
+        yield ("issue", [(r, ("kv", t)) for r in cta.latent(b, 0, cta.rows)])  # own P V
+        if t + 1 < n_tiles:
+            nb, phase = b ^ 1, ((t + 1) >> 1) & 1
+            yield ("mb_wait", at(f"ready{nb}0"), phase)
+            yield ("issue", kv(cta, nb, 0, t + 1))
+            yield ("retire", 1)
+            yield from free(cta, b, 0)
+            yield ("mb_wait", at(f"ready{nb}1"), phase)
+            yield ("issue", kv(cta, nb, 1, t + 1))
+            yield ("retire", 0)
+        else:
+            yield ("retire", 0)
+            yield from free(cta, b, 0)
+
+
+def math_wg1_serial(m, n_tiles, cta):
+    at = cta.at
+    for t in range(n_tiles):
+        b = t & 1
+        yield ("bar_sync", at(P_READY))
+        yield ("read", at("alpha"), ("alpha", t))
+        yield ("issue", [(at("p_odd"), ("P", t))]
+               + [(r, ("kv", t)) for r in cta.latent(b, 1, cta.rows)])  # P V, columns 256-511
+        yield ("retire", 0)
+        yield from free(cta, b, 0)
+        if t + 1 < n_tiles:
+            yield ("bar_arrive", at(P_FREE))
+
+
+FILLS = {  # fill -> (schedule, FP8 rows, paired CTAs), as the kernel instantiates them
+    "prefill-bf16": ("alternating", False, False),
+    "decode-bf16": ("serial", False, False),
+    "decode-fp8": ("serial", True, False),
+    "decode-fp8-paired": ("serial", True, True),
+}
+
+
+def run(n_tiles, fill, rng):
+    schedule, fp8, paired = FILLS[fill]
+    serial = schedule == "serial"
     ctas = [Cta(c, paired) for c in ((0, 1) if paired else (0,))]
-    # Paired, a tile half is ready once both producers delivered their rows, and free once both
-    # CTAs' readers are done (freed: 128 local threads + 4 remote warps; ready: 128 local
-    # arrivals, one of them expecting the peer's st.async bytes).
-    need = {"ready": 2, "freed": PAIRED_FREED_ARRIVALS}
+    # A tile half is free once its last reader(s) are done (serial: both warpgroups, freed{b}0
+    # for the whole buffer); paired, in both CTAs (128 local threads + 4 remote warps per
+    # reader), and ready once both producers delivered their rows (128 local arrivals, one of
+    # them expecting the peer's st.async bytes).
+    readers = 2 if serial else 1
+    need = {"ready": 2 if paired else 1, "freed": readers * (PAIRED_FREED_CTAS if paired else 1)}
     m = Machine({cta.at(f"{kind}{b}{h}"): need[kind] for cta in ctas for kind in need
-                 for b in (0, 1) for h in (0, 1)} if paired else None)
+                 for b in (0, 1) for h in (0, 1)})
     roles = {}
     for cta in ctas:
-        roles[cta.at("producer")] = producer(m, n_tiles, fp8, cta)
-        roles[cta.at("wg0")] = math_wg0(m, n_tiles, cta)
-        roles[cta.at("wg1")] = math_wg1(m, n_tiles, cta)
+        roles[cta.at("producer")] = (producer_serial if serial else producer)(m, n_tiles, fp8, cta)
+        roles[cta.at("wg0")] = (math_wg0_serial if serial else math_wg0)(m, n_tiles, cta)
+        roles[cta.at("wg1")] = (math_wg1_serial if serial else math_wg1)(m, n_tiles, cta)
     blocked = {}  # role -> the action it waits on
     steps = 0
     while roles:
@@ -278,15 +346,15 @@ def run(n_tiles, fp8, rng, paired=False):
     return steps
 
 
-@pytest.mark.parametrize("fill", ["bf16", "fp8", "fp8-paired"])
+@pytest.mark.parametrize("fill", list(FILLS))
 @pytest.mark.parametrize("n_tiles", [0, 1, 2, 3, 4, 7, 8])
 def test_handoffs_hold_under_random_interleavings(n_tiles, fill):
     rng = random.Random(1000 * n_tiles + len(fill))
     for _ in range(300):
-        run(n_tiles, fill != "bf16", rng, paired=fill == "fp8-paired")
+        run(n_tiles, fill, rng)
 
 
-def assert_mutant_caught(role, dropped, n_tiles, seed, fill="bf16"):
+def assert_mutant_caught(role, dropped, n_tiles, seed, fill="prefill-bf16"):
     """Runs with `role` (a generator function of this module) minus the actions `dropped`
     matches; the checker must raise."""
     original = globals()[role]
@@ -299,7 +367,7 @@ def assert_mutant_caught(role, dropped, n_tiles, seed, fill="bf16"):
     try:
         with pytest.raises(Hazard):
             for _ in range(300):
-                run(n_tiles, fill != "bf16", rng, paired=fill == "fp8-paired")
+                run(n_tiles, fill, rng)
     finally:
         globals()[role] = original
 
@@ -315,9 +383,15 @@ def test_the_checker_catches_an_early_refill():
     assert_mutant_caught("producer", lambda act: act[:2] == ("mb_wait", "0:freed01"), 6, 11)
 
 
+def test_the_checker_catches_an_early_p_overwrite():
+    """Serial: WG0 writing P of the next tile without waiting for WG1 to be done with this one."""
+    assert_mutant_caught("math_wg0_serial", lambda act: act == ("bar_sync", "0:" + P_FREE), 5, 17,
+                         "decode-bf16")
+
 
 def test_the_checker_catches_a_paired_refill_before_the_peer_read(monkeypatch):
-    """Paired: with a free barrier that counts only its own CTA's reader, the other CTA's producer
-    writes its rows into this CTA's tile while this CTA's wgmma still reads them."""
-    monkeypatch.setattr(__import__(__name__), "PAIRED_FREED_ARRIVALS", 1)
-    assert_mutant_caught("free", lambda act: act[0] == "mb_arrive_peer", 6, 13, "fp8-paired")
+    """Paired: with a free barrier that counts only its own CTA's readers, the other CTA's
+    producer writes its rows into this CTA's tile while this CTA's wgmma still reads them."""
+    monkeypatch.setattr(__import__(__name__), "PAIRED_FREED_CTAS", 1)
+    assert_mutant_caught("free", lambda act: act[0] == "mb_arrive_peer", 6, 13,
+                         "decode-fp8-paired")

@@ -8,29 +8,42 @@
 //   is half the register file, so Hq = 128 runs as two CTAs per query (launched adjacently: the
 //   second gather of each KV row hits L2), and Hq = 16 / 32 pad the M rows with zero queries that
 //   are never stored.
-// - Three warpgroups, specialised. The producer (72 registers) resolves indices to KV rows and
-//   fills two 64-key tile buffers, half a tile at a time (dims 0-255 and 256-575, each with its own
-//   ready / free mbarrier), so a GEMM can start on one half while the other is still arriving. The
-//   two math warpgroups (216 registers) take alternate tiles (even tiles live in buffer 0, odd in
-//   buffer 1): each computes the whole 64 x 64 S = Q K^T of its tile (N = 64: the Q operand is read
-//   from smem once per 64 keys, so S runs at the tensor rate, not at smem bandwidth) while the
-//   other runs its softmax or P V. Each owns half of O's 512 columns (128 accumulator registers)
-//   and multiplies both tiles' P into it: its own P from registers, the other's P from smem.
-// - The running row max is handed between the math warpgroups through smem once per tile, in tile
-//   order (WG0's max of the even tile feeds WG1's softmax of the odd one, whose max WG0 then uses
-//   to rescale its P and O), so both halves of O and both row sums always share one reference.
-//   P of the even tile goes to smem in the RoPE block of its own buffer (no longer read once S is
-//   done); P of the odd tile has its own 8 KB (its buffer's RoPE block is refilled before WG0 has
-//   read P). Q 72 KB + 2 x 72 KB tiles + 8 KB = the 227 KB an sm_90 CTA may use.
+// - Three warpgroups, specialised: a producer (72 registers) that resolves indices to KV rows and
+//   fills two 64-key tile buffers, half a tile at a time (dims 0-255 and 256-575, each with its
+//   own ready mbarrier), and two math warpgroups (216 registers), each owning half of O's 512
+//   columns (128 accumulator registers). S = Q K^T is always one warpgroup's 64 x 64 wgmma
+//   (N = 64: the Q operand is read from smem once per 64 keys, so S runs at the tensor rate, not
+//   at smem bandwidth). Two schedules share this:
+// - Alternating (prefill): the math warpgroups take alternate tiles (even tiles in buffer 0, odd
+//   in buffer 1); each computes S of its tile while the other runs its softmax or P V, and
+//   multiplies both tiles' P into its O columns: its own P from registers, the other's from
+//   smem. The running row max is handed between them through smem once per tile, in tile order
+//   (WG0's max of the even tile feeds WG1's softmax of the odd one, whose max WG0 then uses to
+//   rescale its P and O), so both halves of O and both row sums share one reference. P of the
+//   even tile goes to smem in the RoPE block of its own buffer (no longer read once S is done),
+//   P of the odd tile to its own 8 KB. The producer refills each tile half as soon as its last
+//   reader frees it. The halves the other warpgroup reads for its P V are freed at the end of a
+//   pair and needed right after: their refill is exposed, cheap when rows come from L2.
+// - Serial (decode): WG0 computes S of every tile, the softmax (the only running max) and the
+//   P V of columns 0-255 from registers, and hands P and the rescale factor through smem to WG1,
+//   which multiplies them into columns 256-511; WG0's S of the next tile overlaps both P V. A
+//   buffer is refilled whole once both P V of its tile are done, a whole tile of compute before
+//   WG0 needs it: room for rows that come from HBM (decode rows are read once) and for the FP8
+//   conversion.
+// - Q 72 KB + 2 x 72 KB tiles + 8 KB of P = the 227 KB an sm_90 CTA may use.
 // - The KV tile is stored once, row-major [key][576] in 128-byte-swizzled 8x64 atoms; the same
 //   bytes are the K-major B operand of Q K^T and the MN-major B operand of P V (V^T view), so
 //   nothing is transposed. bf16 rows arrive by cp.async (zero-filled when masked) tracked by the
 //   mbarriers; FP8 rows (656 B) are staged raw by cp.async inside the bf16 region of the half they
 //   become and dequantised there by the producer (e4m3 * fp32 scale, rounded to bf16).
+// - Hq = 128 with the FP8 cache: the two head-group CTAs of a query are a cluster and share the
+//   conversion: each producer dequantises 32 of every tile's 64 rows and writes them into both
+//   CTAs' tiles (st.async, counted by the peer's ready mbarrier); a tile is free once the readers
+//   of both CTAs are done.
 // - The handoffs between warpgroups are mbarriers (producer <-> math) and named barriers that one
 //   side arrives at and the other waits on (bar.arrive / bar.sync, WG0 <-> WG1). racecheck reports
 //   hazards across the latter (see bench/NOTES.md): every reported pair is ordered by such a
-//   handoff. tests/test_sparse_mla_schedule.py replays this protocol on the CPU under random
+//   handoff. tests/test_sparse_mla_schedule.py replays both schedules on the CPU under random
 //   interleavings; a change to the handoff order must be mirrored there.
 // - Masked keys (-1, out of [0, N), positions past the block table or pages outside the cache,
 //   the tail past topk, the missing odd tile of an odd tile count) become zero rows and -inf
@@ -494,6 +507,7 @@ __device__ __forceinline__ void producer(const Problem& p, SharedStorage& ss, in
                                          int head0, int heads, int64_t key0, int n_tiles, int pt) {
   constexpr bool kFp8 = kMode == Mode::kDecodeFp8;
   constexpr bool kSerial = serial_schedule(kMode);
+  static_assert(kSerial || !kFp8, "FP8 rows are filled by the serial schedule only");
   constexpr int64_t kRowBytes = kFp8 ? kMlaFp8RowBytes : kMlaDimQK * 2;
   const void* fallback = p.q;
   {
@@ -607,34 +621,12 @@ __device__ __forceinline__ void producer(const Problem& p, SharedStorage& ss, in
       // WG1 buffer 1 half 1 after its own, then each the other's buffer after the peer P V.
       constexpr int kFillBuffer[4] = {0, 1, 0, 1};
       constexpr int kFillHalf[4] = {0, 1, 1, 0};
-      auto fill = [&](auto f) {
+      cute::for_each(cute::make_int_sequence<4>{}, [&](auto f) {
         constexpr int b = kFillBuffer[f], h = kFillHalf[f];
         wait_free(Int<b>{}, Int<h>{});
         if (h == b) publish_valid(b);
-        if constexpr (kFp8) {
-          stage_half(Int<b>{}, Int<h>{});
-        } else {
-          copy_half(Int<b>{}, Int<h>{});
-        }
-      };
-      auto dequant = [&](auto f, auto groups_left) {
-        dequant_half(Int<kFillBuffer[f]>{}, Int<kFillHalf[f]>{}, groups_left);
-      };
-      if constexpr (kFp8) {
-        // Two halves are staged (freed, their cp.asyncs in flight) before either is dequantised,
-        // so one fetch's latency overlaps the other's; the two freed mid-pair (fills 0, 1) are
-        // done before the producer waits for the two freed at the pair's end (2, 3).
-        fill(Int<0>{});
-        fill(Int<1>{});
-        dequant(Int<0>{}, Int<1>{});
-        dequant(Int<1>{}, Int<0>{});
-        fill(Int<2>{});
-        fill(Int<3>{});
-        dequant(Int<2>{}, Int<1>{});
-        dequant(Int<3>{}, Int<0>{});
-      } else {
-        cute::for_each(cute::make_int_sequence<4>{}, fill);
-      }
+        copy_half(Int<b>{}, Int<h>{});
+      });
     }
   }
   cute::cp_async_wait<0>();
