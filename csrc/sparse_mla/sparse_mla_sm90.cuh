@@ -605,6 +605,14 @@ __device__ __forceinline__ void producer(const Problem& p, SharedStorage& ss, in
         cutlass::arch::ClusterBarrier::arrive(&ss.ready[b][h]);
       }
     };
+    // The next pair's rows go into L2 now, about a pair before their fill (idx_cur / page_cur
+    // already hold the next pair's): the fills then wait on L2, not HBM. Paired: own rows only.
+    auto prefetch_next_pair = [&] {
+      const int64_t next = resolve_row<kMode>(p, idx_cur, page_cur);
+      const bool own =
+          !kPaired || key / Fp8Rows<true>::kCount == int(cute::block_rank_in_cluster());
+      if (next >= 0 && own) prefetch_l2_bulk(p.kv + next * kRowBytes, kRowBytes);
+    };
     using cute::Int;
     if constexpr (kSerial) {
       // Whole tiles: buffer b is free once both P V of its previous tile are done (freed[b][0]).
@@ -621,13 +629,7 @@ __device__ __forceinline__ void producer(const Problem& p, SharedStorage& ss, in
           copy_half(b, Int<0>{});
           copy_half(b, Int<1>{});
         }
-        if constexpr (b == 0) {
-          // Decode rows come from HBM: the next pair's go into L2 now, 1.5 to 2.5 tiles before
-          // their fill (idx_cur / page_cur already hold the next pair's). Paired: own rows only.
-          const int64_t next = resolve_row<kMode>(p, idx_cur, page_cur);
-          const bool own = !kPaired || key / Fp8Rows<true>::kCount == int(cute::block_rank_in_cluster());
-          if (next >= 0 && own) prefetch_l2_bulk(p.kv + next * kRowBytes, kRowBytes);
-        }
+        if constexpr (b == 0) prefetch_next_pair();
       });
     } else {
       // The order the math warpgroups release them: WG0 frees buffer 0 half 0 after its own P V,
@@ -639,6 +641,7 @@ __device__ __forceinline__ void producer(const Problem& p, SharedStorage& ss, in
         wait_free(Int<b>{}, Int<h>{});
         if (h == b) publish_valid(b);
         copy_half(Int<b>{}, Int<h>{});
+        if constexpr (f == 1) prefetch_next_pair();
       });
     }
   }
