@@ -265,12 +265,6 @@ __device__ __forceinline__ void cp_async_16_or_zero(uint32_t dst, const void* sr
                : "memory");
 }
 
-// `bytes` (a multiple of 16, 16-byte aligned) into L2 by the TMA unit: one instruction per row and
-// no load slot held while HBM answers (per-line prefetch.global.L2 made every mode slower).
-__device__ __forceinline__ void prefetch_l2_bulk(const void* src, uint32_t bytes) {
-  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" ::"l"(src), "r"(bytes) : "memory");
-}
-
 __device__ __forceinline__ void st_shared_v4(uint32_t addr, uint4 v) {
   asm volatile("st.shared.v4.u32 [%0], {%1, %2, %3, %4};\n" ::"r"(addr), "r"(v.x), "r"(v.y),
                "r"(v.z), "r"(v.w)
@@ -605,14 +599,6 @@ __device__ __forceinline__ void producer(const Problem& p, SharedStorage& ss, in
         cutlass::arch::ClusterBarrier::arrive(&ss.ready[b][h]);
       }
     };
-    // The next pair's rows go into L2 now, about a pair before their fill (idx_cur / page_cur
-    // already hold the next pair's): the fills then wait on L2, not HBM. Paired: own rows only.
-    auto prefetch_next_pair = [&] {
-      const int64_t next = resolve_row<kMode>(p, idx_cur, page_cur);
-      const bool own =
-          !kPaired || key / Fp8Rows<true>::kCount == int(cute::block_rank_in_cluster());
-      if (next >= 0 && own) prefetch_l2_bulk(p.kv + next * kRowBytes, kRowBytes);
-    };
     using cute::Int;
     if constexpr (kSerial) {
       // Whole tiles: buffer b is free once both P V of its previous tile are done (freed[b][0]).
@@ -629,7 +615,6 @@ __device__ __forceinline__ void producer(const Problem& p, SharedStorage& ss, in
           copy_half(b, Int<0>{});
           copy_half(b, Int<1>{});
         }
-        if constexpr (b == 0) prefetch_next_pair();
       });
     } else {
       // The order the math warpgroups release them: WG0 frees buffer 0 half 0 after its own P V,
@@ -641,7 +626,6 @@ __device__ __forceinline__ void producer(const Problem& p, SharedStorage& ss, in
         wait_free(Int<b>{}, Int<h>{});
         if (h == b) publish_valid(b);
         copy_half(Int<b>{}, Int<h>{});
-        if constexpr (f == 1) prefetch_next_pair();
       });
     }
   }
