@@ -123,36 +123,54 @@ def producer(m, n_tiles, fp8, cta):
 
 def producer_serial(m, n_tiles, fp8, cta):
     """The serial schedule's fills (decode): whole tiles, buffer b once both P V of its previous
-    tile are done (freed{b}0); FP8: both halves staged, then dequantised; paired: this CTA's rows
-    into both CTAs' tiles."""
+    tile are done (freed{b}0). FP8: tile t + 1 is staged before half 0 of tile t is dequantised
+    (half 1 is WG1's, once `staged` says the bytes landed); paired: this CTA's rows into both
+    CTAs' tiles."""
     own = (cta.c,) if cta.paired else cta.rows
-    for pair in range((n_tiles + 1) // 2):
-        for b in (0, 1):
-            tile = 2 * pair + b
-            if tile >= n_tiles:
-                continue
-            yield ("mb_wait", cta.at(f"freed{b}0"), (pair & 1) ^ 1)
-            yield ("write", cta.at(f"valid{b}"), ("valid", tile))
-            yield ("mb_arrive", cta.at(f"valid_ready{b}"))
-            if not fp8:
-                for h in (0, 1):
-                    for r in cta.half(b, h):
-                        yield ("write", r, ("kv", tile))
-                    yield ("mb_arrive", cta.at(f"ready{b}{h}"))
-                continue
-            local = {h: cta.latent(b, h, own) + ([cta.at(f"k{b}rope")] if h == 1 else [])
-                     for h in (0, 1)}
-            for h in (0, 1):  # raw FP8 bytes of this CTA's rows, staged where they become bf16
-                for r in local[h]:
-                    yield ("write", r, ("raw", tile))
+
+    def claim(tile):
+        b = tile & 1
+        yield ("mb_wait", cta.at(f"freed{b}0"), ((tile >> 1) & 1) ^ 1)
+        yield ("write", cta.at(f"valid{b}"), ("valid", tile))
+        yield ("mb_arrive", cta.at(f"valid_ready{b}"))
+
+    if not fp8:
+        for tile in range(n_tiles):
+            b = tile & 1
+            yield from claim(tile)
             for h in (0, 1):
-                for r in local[h]:
+                for r in cta.half(b, h):
                     yield ("write", r, ("kv", tile))
                 yield ("mb_arrive", cta.at(f"ready{b}{h}"))
-                if cta.paired:  # st.async into the peer: its ready barrier counts the bytes
-                    for r in cta.latent(b, h, own, cta.peer):
-                        yield ("write", r, ("kv", tile))
-                    yield ("mb_complete_tx", cta.at(f"ready{b}{h}", cta.peer))
+        return
+
+    def stage(tile):
+        b = tile & 1
+        yield from claim(tile)
+        # raw FP8 bytes of this CTA's rows, staged where they become bf16; RoPE: bf16, all rows
+        for r in cta.latent(b, 0, own) + cta.latent(b, 1, own) + [cta.at(f"k{b}rope")]:
+            yield ("write", r, ("raw", tile))
+        yield ("mb_arrive", cta.at(f"staged{b}"))
+
+    if n_tiles:
+        yield from stage(0)
+    for tile in range(n_tiles):
+        if tile + 1 < n_tiles:
+            yield from stage(tile + 1)
+        yield from dequant(cta, tile, 0)
+
+
+def dequant(cta, tile, h):
+    """Half h of a staged FP8 tile to bf16: this CTA's rows here (and the RoPE block, which
+    landed with the staged bytes) and, paired, into the peer (st.async, counted by its ready)."""
+    b, own = tile & 1, ((cta.c,) if cta.paired else cta.rows)
+    for r in cta.latent(b, h, own) + ([cta.at(f"k{b}rope")] if h == 1 else []):
+        yield ("write", r, ("kv", tile))
+    yield ("mb_arrive", cta.at(f"ready{b}{h}"))
+    if cta.paired:
+        for r in cta.latent(b, h, own, cta.peer):
+            yield ("write", r, ("kv", tile))
+        yield ("mb_complete_tx", cta.at(f"ready{b}{h}", cta.peer))
 
 
 def kv(cta, b, h, t):
@@ -249,24 +267,31 @@ def math_wg0_serial(m, n_tiles, cta):
         yield ("write", at("alpha"), ("alpha", t))
         yield ("bar_arrive", at(P_READY))
         yield ("issue", [(r, ("kv", t)) for r in cta.latent(b, 0, cta.rows)])  # own P V
+        yield ("retire", 0)
+        yield from free(cta, b, 0)  # before waiting for the next tile (the producer runs ahead)
         if t + 1 < n_tiles:
             nb, phase = b ^ 1, ((t + 1) >> 1) & 1
             yield ("mb_wait", at(f"ready{nb}0"), phase)
             yield ("issue", kv(cta, nb, 0, t + 1))
-            yield ("retire", 1)
-            yield from free(cta, b, 0)
             yield ("mb_wait", at(f"ready{nb}1"), phase)
             yield ("issue", kv(cta, nb, 1, t + 1))
             yield ("retire", 0)
-        else:
-            yield ("retire", 0)
-            yield from free(cta, b, 0)
 
 
-def math_wg1_serial(m, n_tiles, cta):
+def math_wg1_serial(m, n_tiles, cta, fp8):
     at = cta.at
+
+    def convert(tile):  # FP8: half 1 of a tile, a tile ahead of its S
+        if fp8:
+            yield ("mb_wait", at(f"staged{tile & 1}"), (tile >> 1) & 1)
+            yield from dequant(cta, tile, 1)
+
+    if n_tiles:
+        yield from convert(0)
     for t in range(n_tiles):
         b = t & 1
+        if t + 1 < n_tiles:
+            yield from convert(t + 1)
         yield ("bar_sync", at(P_READY))
         yield ("read", at("alpha"), ("alpha", t))
         yield ("issue", [(at("p_odd"), ("P", t))]
@@ -301,7 +326,8 @@ def run(n_tiles, fill, rng):
     for cta in ctas:
         roles[cta.at("producer")] = (producer_serial if serial else producer)(m, n_tiles, fp8, cta)
         roles[cta.at("wg0")] = (math_wg0_serial if serial else math_wg0)(m, n_tiles, cta)
-        roles[cta.at("wg1")] = (math_wg1_serial if serial else math_wg1)(m, n_tiles, cta)
+        roles[cta.at("wg1")] = (math_wg1_serial(m, n_tiles, cta, fp8) if serial
+                                else math_wg1(m, n_tiles, cta))
     blocked = {}  # role -> the action it waits on
     steps = 0
     while roles:

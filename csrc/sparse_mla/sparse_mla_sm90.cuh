@@ -26,10 +26,11 @@
 //   pair and needed right after: their refill is exposed, cheap when rows come from L2.
 // - Serial (decode): WG0 computes S of every tile, the softmax (the only running max) and the
 //   P V of columns 0-255 from registers, and hands P and the rescale factor through smem to WG1,
-//   which multiplies them into columns 256-511; WG0's S of the next tile overlaps both P V. A
-//   buffer is refilled whole once both P V of its tile are done, a whole tile of compute before
-//   WG0 needs it: room for rows that come from HBM (decode rows are read once) and for the FP8
-//   conversion.
+//   which multiplies them into columns 256-511 while WG0 starts S of the next tile. A buffer is
+//   refilled whole once both P V of its tile are done, a tile of compute before WG0 needs it:
+//   room for rows that come from HBM (decode rows are read once). FP8 rows must also be
+//   dequantised after they land: the producer stages tile t + 1 before it dequantises half 0 of
+//   tile t, and WG1 (otherwise idle between its P V) dequantises half 1 a tile ahead.
 // - Q 72 KB + 2 x 72 KB tiles + 8 KB of P = the 227 KB an sm_90 CTA may use.
 // - The KV tile is stored once, row-major [key][576] in 128-byte-swizzled 8x64 atoms; the same
 //   bytes are the K-major B operand of Q K^T and the MN-major B operand of P V (V^T view), so
@@ -147,6 +148,7 @@ struct SharedStorage {
   uint64_t ready[2][2];                     // [buffer][half]: filled (producer -> math)
   uint64_t freed[2][2];                     // [buffer][half]: last reader done (math -> producer)
   uint64_t valid_ready[2];                  // [buffer]: valid words of the current tile
+  uint64_t staged[2];                       // [buffer]: FP8 raw bytes landed (producer -> WG1)
 };
 static_assert(offsetof(SharedStorage, kv) % 1024 == 0 && offsetof(SharedStorage, p_odd) % 1024 == 0,
               "swizzled tiles need 1024-byte alignment");
@@ -168,6 +170,7 @@ enum NamedBarrierId : uint32_t {
   kPOddReady = 4,     // WG1 -> WG0: P of the odd tile in smem
   kProducerSync = 5,  // producer warpgroup: row ids written, FP8 staging landed / read
   kRowSums = 6,       // epilogue: both warpgroups' row sums in smem
+  kWg1Convert = 7,    // WG1: its FP8 half's staging read before any is overwritten
   // The serial schedule (decode) uses 1 and 2 instead as:
   kSerialPReady = 1,  // WG0 -> WG1: P and alpha of a tile in smem
   kSerialPFree = 2,   // WG1 -> WG0: done with them
@@ -537,96 +540,119 @@ __device__ __forceinline__ void producer(const Problem& p, SharedStorage& ss, in
   constexpr uint32_t kTileBytes = kTileElems * 2;
   const int n_pairs = (n_tiles + 1) / 2;
 
-  for (int pair = 0; pair < n_pairs; ++pair) {
-    const int slot = pair & 1;
-    const uint32_t free_phase = (pair & 1) ^ 1;  // a fresh barrier's previous phase counts as done
+  // Rows of a pair's two tiles into slot pair % 2 (slot was last read for pair - 2, before every
+  // producer thread passed pair - 1's barrier); returns this thread's warp's valid ballot.
+  auto resolve_pair = [&](int pair) {
     const int64_t r = resolve_row<kMode>(p, idx_cur, page_cur);
-    // Slot `slot` was last read in pair - 2, before every producer thread passed pair - 1's
-    // barrier.
-    ss.rows[slot][buf][key] = r;
+    ss.rows[pair & 1][buf][key] = r;
     const uint32_t valid_bits = __ballot_sync(0xFFFFFFFFu, r >= 0);
     page_cur = load_page<kMode>(p, qrow, idx_next);
     idx_cur = idx_next;
     idx_next = index_of(pair + 2);
     named_sync(kProducerSync, kProducerThreads);
+    return valid_bits;
+  };
+  // The valid words of buffer b are rewritten only after its first reader freed it.
+  auto publish_valid = [&](int b, uint32_t valid_bits) {
+    if (buf == b && lane == 0) {
+      ss.valid[b][warp % 2] = valid_bits;
+      cutlass::arch::ClusterBarrier::arrive(&ss.valid_ready[b]);
+    }
+  };
+  auto wait_free = [&](uint64_t* bar, uint32_t phase) {
+    if constexpr (kPaired) {
+      wait_cluster(bar, phase);  // both CTAs' readers are done
+    } else {
+      cutlass::arch::ClusterBarrier::wait(bar, phase);
+    }
+  };
+  // The k-th fill of a buffer waits for the (k-1)-th free: parity (k & 1) ^ 1, where a fresh
+  // barrier's previous phase counts as done.
 
-    // The valid words of buffer b are rewritten only after its first reader freed half 0 / 1.
-    auto publish_valid = [&](int b) {
-      if (buf == b && lane == 0) {
-        ss.valid[b][warp % 2] = valid_bits;
-        cutlass::arch::ClusterBarrier::arrive(&ss.valid_ready[b]);
-      }
-    };
-    auto wait_free = [&](auto b, auto h) {
-      if constexpr (kPaired) {
-        wait_cluster(&ss.freed[b][h], free_phase);  // both CTAs' readers are done
-      } else {
-        cutlass::arch::ClusterBarrier::wait(&ss.freed[b][h], free_phase);
-      }
-    };
-    // Fills of buffer b, half h. bf16: cp.async, the mbarrier completes when they land. FP8: the
-    // raw bytes are staged (cp.async) and later dequantised in place (see Fp8Staging).
-    auto copy_half = [&](auto b, auto h) {
-      copy_bf16_half<h>(smem_kv0 + b * kTileBytes, p.kv, kRowBytes, ss.rows[slot][b], fallback,
-                        pt);
-      cutlass::arch::cpasync_barrier_arrive_noinc(&ss.ready[b][h]);
-    };
-    // Addresses recomputed per pair (see opaque()): hoisted out of the pair loop they spill more
-    // (ptxas: 356 B of spill loads instead of 212).
-    const int pt_pair = opaque(pt);
+  if constexpr (kFp8) {
+    // Decode, FP8 (serial schedule): tile t + 1 is staged (its buffer freed, the raw bytes'
+    // cp.asyncs in flight) before tile t is dequantised, so each tile's HBM latency runs under
+    // the previous tile's conversion and math instead of after it. The producer dequantises
+    // half 0; WG1 half 1, once `staged` says the bytes have landed. Addresses are recomputed at
+    // use (see opaque()): hoisted, they spill.
+    const int pt_fp8 = opaque(pt);
     const int first_row = kPaired ? int(cute::block_rank_in_cluster()) * Fp8Rows<true>::kCount : 0;
     const uint32_t peer_delta =
         kPaired ? map_to_cta(smem_kv0, cute::block_rank_in_cluster() ^ 1u) - smem_kv0 : 0;
-    auto stage_half = [&](auto b, auto h) {
+    uint32_t valid_bits = 0;
+    auto stage_tile = [&](int tile) {
+      const int pair = tile >> 1, b = tile & 1;
+      if (b == 0) valid_bits = resolve_pair(pair);
+      wait_free(&ss.freed[b][0], (pair & 1) ^ 1);
+      publish_valid(b, valid_bits);
       const uint32_t dst = smem_kv0 + b * kTileBytes;
-      stage_fp8_half<h, kPaired>(dst, p.kv, ss.rows[slot][b], first_row, fallback, pt_pair);
-      if constexpr (h == 1) copy_fp8_rope(dst, p.kv, ss.rows[slot][b], fallback, pt_pair);
+      const int64_t* rows = ss.rows[pair & 1][b];
+      stage_fp8_half<0, kPaired>(dst, p.kv, rows, first_row, fallback, pt_fp8);
       cute::cp_async_fence();
+      stage_fp8_half<1, kPaired>(dst, p.kv, rows, first_row, fallback, pt_fp8);
+      copy_fp8_rope(dst, p.kv, rows, fallback, pt_fp8);
+      cute::cp_async_fence();
+      cutlass::arch::cpasync_barrier_arrive_noinc(&ss.staged[b]);
     };
-    auto dequant_half = [&](auto b, auto h, auto groups_left) {
-      cute::cp_async_wait<decltype(groups_left)::value>();
+    if (n_tiles > 0) stage_tile(0);
+    for (int tile = 0; tile < n_tiles; ++tile) {
+      const int b = tile & 1;
+      if (tile + 1 < n_tiles) {
+        stage_tile(tile + 1);
+      } else {
+        cute::cp_async_fence();  // two (empty) groups per tile keep the count below exact
+        cute::cp_async_fence();
+      }
+      cute::cp_async_wait<3>();  // this tile's half 0 (its half 1 and the next tile's pending)
       named_sync(kProducerSync, kProducerThreads);  // every thread's staged bytes have landed
       const uint32_t dst = smem_kv0 + b * kTileBytes;
-      const uint32_t ready = cute::cast_smem_ptr_to_uint(&ss.ready[b][h]);
-      dequant_fp8_half<h, kPaired>(dst, first_row, pt_pair, kProducerSync, peer_delta,
+      const uint32_t ready = cute::cast_smem_ptr_to_uint(&ss.ready[b][0]);
+      dequant_fp8_half<0, kPaired>(dst, first_row, pt_fp8, kProducerSync, peer_delta,
                                    ready + peer_delta);
       cutlass::arch::fence_view_async_shared();  // st.shared / cp.async -> wgmma (async proxy)
-      if (kPaired && pt_pair == 0) {
+      if (kPaired && pt_fp8 == 0) {
         // The peer's rows arrive by st.async and complete transaction bytes on this barrier.
         cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(
-            &ss.ready[b][h], Fp8Rows<kPaired>::kPeerBytes);
+            &ss.ready[b][0], Fp8Rows<kPaired>::kPeerBytes);
       } else {
-        cutlass::arch::ClusterBarrier::arrive(&ss.ready[b][h]);
+        cutlass::arch::ClusterBarrier::arrive(&ss.ready[b][0]);
       }
-    };
-    using cute::Int;
-    if constexpr (kSerial) {
-      // Whole tiles: buffer b is free once both P V of its previous tile are done (freed[b][0]).
-      cute::for_each(cute::make_int_sequence<2>{}, [&](auto b) {
-        if (2 * pair + b >= n_tiles) return;  // no phantom tile in this schedule
-        wait_free(b, Int<0>{});
-        publish_valid(b);
-        if constexpr (kFp8) {
-          stage_half(b, Int<0>{});
-          stage_half(b, Int<1>{});
-          dequant_half(b, Int<0>{}, Int<1>{});
-          dequant_half(b, Int<1>{}, Int<0>{});
-        } else {
+    }
+  } else {
+    // bf16 rows: cp.async, the ready mbarrier completes when they land (nothing to wait for).
+    for (int pair = 0; pair < n_pairs; ++pair) {
+      const int slot = pair & 1;
+      const uint32_t free_phase = (pair & 1) ^ 1;
+      const uint32_t valid_bits = resolve_pair(pair);
+      auto copy_half = [&](auto b, auto h) {
+        copy_bf16_half<h>(smem_kv0 + b * kTileBytes, p.kv, kRowBytes, ss.rows[slot][b], fallback,
+                          pt);
+        cutlass::arch::cpasync_barrier_arrive_noinc(&ss.ready[b][h]);
+      };
+      using cute::Int;
+      if constexpr (kSerial) {
+        // Whole tiles: buffer b is free once both P V of its previous tile are done
+        // (freed[b][0]). No phantom odd tile in this schedule.
+        auto fill_tile = [&](auto b) {
+          wait_free(&ss.freed[b][0], free_phase);
+          publish_valid(b, valid_bits);
           copy_half(b, Int<0>{});
           copy_half(b, Int<1>{});
-        }
-      });
-    } else {
-      // The order the math warpgroups release them: WG0 frees buffer 0 half 0 after its own P V,
-      // WG1 buffer 1 half 1 after its own, then each the other's buffer after the peer P V.
-      constexpr int kFillBuffer[4] = {0, 1, 0, 1};
-      constexpr int kFillHalf[4] = {0, 1, 1, 0};
-      cute::for_each(cute::make_int_sequence<4>{}, [&](auto f) {
-        constexpr int b = kFillBuffer[f], h = kFillHalf[f];
-        wait_free(Int<b>{}, Int<h>{});
-        if (h == b) publish_valid(b);
-        copy_half(Int<b>{}, Int<h>{});
-      });
+        };
+        fill_tile(Int<0>{});
+        if (2 * pair + 1 < n_tiles) fill_tile(Int<1>{});
+      } else {
+        // The order the math warpgroups release them: WG0 frees buffer 0 half 0 after its own
+        // P V, WG1 buffer 1 half 1 after its own, then each the other's buffer after the peer P V.
+        constexpr int kFillBuffer[4] = {0, 1, 0, 1};
+        constexpr int kFillHalf[4] = {0, 1, 1, 0};
+        cute::for_each(cute::make_int_sequence<4>{}, [&](auto f) {
+          constexpr int b = kFillBuffer[f], h = kFillHalf[f];
+          wait_free(&ss.freed[b][h], free_phase);
+          if (h == b) publish_valid(b, valid_bits);
+          copy_half(Int<b>{}, Int<h>{});
+        });
+      }
     }
   }
   cute::cp_async_wait<0>();
@@ -718,6 +744,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         ClusterBarrier::init(&ss.freed[b][h], readers * (128 + (kPaired ? 4 : 0)));
       }
       ClusterBarrier::init(&ss.valid_ready[b], 2);  // lane 0 of the two warps resolving buffer b
+      ClusterBarrier::init(&ss.staged[b], kProducerThreads);
     }
     cutlass::arch::fence_barrier_init();
   }
@@ -873,26 +900,52 @@ __global__ void __launch_bounds__(kThreads, 1)
         warpgroup_fence_operand(rO);
         warpgroup_fence_operand(rP);
         issue_pv(mma_own, rP, frag_v(thr_own, b ? buf1 : buf0), rO);
+        // Buffer b is freed as soon as this P V is done, not once the next tile has arrived: the
+        // FP8 producer stages tile + 2 before it finishes tile + 1, so waiting for the next tile
+        // here would close a cycle.
+        warpgroup_wait<0>();
+        warpgroup_fence_operand(rO);
+        free_half(&ss.freed[b][0]);
         if (tile + 1 < n_tiles) {
           const int nb = b ^ 1;
           const uint32_t next_phase = ((tile + 1) >> 1) & 1;
           ClusterBarrier::wait(&ss.ready[nb][0], next_phase);
           warpgroup_fence_operand(rS);
           issue_s<0, 16>(mma_s, frag_q(), frag_k(nb ? buf1 : buf0), rS, true);
-          warpgroup_wait<1>();
-          free_half(&ss.freed[b][0]);
           ClusterBarrier::wait(&ss.ready[nb][1], next_phase);
           issue_s<16, 36>(mma_s, frag_q(), frag_k(nb ? buf1 : buf0), rS, false);
           wait_s();
-        } else {
-          warpgroup_wait<0>();
-          free_half(&ss.freed[b][0]);
         }
-        warpgroup_fence_operand(rO);
       }
     } else {
+      // FP8: WG1 dequantises half 1 of every tile (its own V columns and the second half of S),
+      // a tile ahead: it would otherwise idle between its P V, and the producer's conversion sits
+      // between a tile's fill and the next.
+      auto convert_half1 = [&](int tile) {
+        if constexpr (kMode == Mode::kDecodeFp8) {
+          const int b = tile & 1;
+          ClusterBarrier::wait(&ss.staged[b], (tile >> 1) & 1);
+          const uint32_t dst = cute::cast_smem_ptr_to_uint(b ? buf1 : buf0);
+          const uint32_t peer_delta =
+              kPaired ? map_to_cta(dst, cute::block_rank_in_cluster() ^ 1u) - dst : 0;
+          const uint32_t ready = cute::cast_smem_ptr_to_uint(&ss.ready[b][1]);
+          const int first_row =
+              kPaired ? int(cute::block_rank_in_cluster()) * Fp8Rows<true>::kCount : 0;
+          dequant_fp8_half<1, kPaired>(dst, first_row, t, kWg1Convert, peer_delta,
+                                       ready + peer_delta);
+          cutlass::arch::fence_view_async_shared();
+          if (kPaired && t == 0) {
+            cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(
+                &ss.ready[b][1], Fp8Rows<kPaired>::kPeerBytes);
+          } else {
+            ClusterBarrier::arrive(&ss.ready[b][1]);
+          }
+        }
+      };
+      if (n_tiles > 0) convert_half1(0);
       for (int tile = 0; tile < n_tiles; ++tile) {
         const int b = tile & 1;
+        if (tile + 1 < n_tiles) convert_half1(tile + 1);
         named_sync(kSerialPReady, kMathThreads);
         float alpha[2];
         CUTE_UNROLL
