@@ -123,9 +123,8 @@ def producer(m, n_tiles, fp8, cta):
 
 def producer_serial(m, n_tiles, fp8, cta):
     """The serial schedule's fills (decode): whole tiles, buffer b once both P V of its previous
-    tile are done (freed{b}0). FP8: tile t + 1 is staged before half 0 of tile t is dequantised
-    (half 1 is WG1's, once `staged` says the bytes landed); paired: this CTA's rows into both
-    CTAs' tiles."""
+    tile are done (freed{b}0). FP8: staged, then half 0 dequantised (half 1 is WG1's, once
+    `staged` says the bytes landed); paired: this CTA's rows into both CTAs' tiles."""
     own = (cta.c,) if cta.paired else cta.rows
 
     def claim(tile):
@@ -152,11 +151,8 @@ def producer_serial(m, n_tiles, fp8, cta):
             yield ("write", r, ("raw", tile))
         yield ("mb_arrive", cta.at(f"staged{b}"))
 
-    if n_tiles:
-        yield from stage(0)
     for tile in range(n_tiles):
-        if tile + 1 < n_tiles:
-            yield from stage(tile + 1)
+        yield from stage(tile)
         yield from dequant(cta, tile, 0)
 
 
@@ -268,7 +264,7 @@ def math_wg0_serial(m, n_tiles, cta):
         yield ("bar_arrive", at(P_READY))
         yield ("issue", [(r, ("kv", t)) for r in cta.latent(b, 0, cta.rows)])  # own P V
         yield ("retire", 0)
-        yield from free(cta, b, 0)  # before waiting for the next tile (the producer runs ahead)
+        yield from free(cta, b, 0)  # before waiting for the next tile
         if t + 1 < n_tiles:
             nb, phase = b ^ 1, ((t + 1) >> 1) & 1
             yield ("mb_wait", at(f"ready{nb}0"), phase)
@@ -281,7 +277,7 @@ def math_wg0_serial(m, n_tiles, cta):
 def math_wg1_serial(m, n_tiles, cta, fp8):
     at = cta.at
 
-    def convert(tile):  # FP8: half 1 of a tile, a tile ahead of its S
+    def convert(tile):  # FP8: half 1 of the next tile, after the P V of this one
         if fp8:
             yield ("mb_wait", at(f"staged{tile & 1}"), (tile >> 1) & 1)
             yield from dequant(cta, tile, 1)
@@ -290,8 +286,6 @@ def math_wg1_serial(m, n_tiles, cta, fp8):
         yield from convert(0)
     for t in range(n_tiles):
         b = t & 1
-        if t + 1 < n_tiles:
-            yield from convert(t + 1)
         yield ("bar_sync", at(P_READY))
         yield ("read", at("alpha"), ("alpha", t))
         yield ("issue", [(at("p_odd"), ("P", t))]
@@ -300,6 +294,7 @@ def math_wg1_serial(m, n_tiles, cta, fp8):
         yield from free(cta, b, 0)
         if t + 1 < n_tiles:
             yield ("bar_arrive", at(P_FREE))
+            yield from convert(t + 1)
 
 
 FILLS = {  # fill -> (schedule, FP8 rows, paired CTAs), as the kernel instantiates them

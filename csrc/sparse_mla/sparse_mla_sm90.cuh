@@ -29,8 +29,8 @@
 //   which multiplies them into columns 256-511 while WG0 starts S of the next tile. A buffer is
 //   refilled whole once both P V of its tile are done, a tile of compute before WG0 needs it:
 //   room for rows that come from HBM (decode rows are read once). FP8 rows must also be
-//   dequantised after they land: the producer stages tile t + 1 before it dequantises half 0 of
-//   tile t, and WG1 (otherwise idle between its P V) dequantises half 1 a tile ahead.
+//   dequantised after they land: the producer dequantises half 0, WG1 (otherwise idle between
+//   its P V) half 1, right after its P V of the tile before.
 // - Q 72 KB + 2 x 72 KB tiles + 8 KB of P = the 227 KB an sm_90 CTA may use.
 // - The KV tile is stored once, row-major [key][576] in 128-byte-swizzled 8x64 atoms; the same
 //   bytes are the K-major B operand of Q K^T and the MN-major B operand of P V (V^T view), so
@@ -570,11 +570,12 @@ __device__ __forceinline__ void producer(const Problem& p, SharedStorage& ss, in
   // barrier's previous phase counts as done.
 
   if constexpr (kFp8) {
-    // Decode, FP8 (serial schedule): tile t + 1 is staged (its buffer freed, the raw bytes'
-    // cp.asyncs in flight) before tile t is dequantised, so each tile's HBM latency runs under
-    // the previous tile's conversion and math instead of after it. The producer dequantises
-    // half 0; WG1 half 1, once `staged` says the bytes have landed. Addresses are recomputed at
-    // use (see opaque()): hoisted, they spill.
+    // Decode, FP8 (serial schedule): a tile is staged as soon as its buffer is free (a tile of
+    // math before its S), then the producer dequantises half 0 as soon as it lands and WG1 half
+    // 1 (after its P V of the tile before, `staged` says the bytes have landed). Staging tile
+    // t + 1 before dequantising tile t instead (f0c3fd5) gates each conversion on the next free:
+    // FP8 decode 285 -> 248 TFLOP/s. Addresses are recomputed at use (see opaque()): hoisted,
+    // they spill.
     const int pt_fp8 = opaque(pt);
     const int first_row = kPaired ? int(cute::block_rank_in_cluster()) * Fp8Rows<true>::kCount : 0;
     const uint32_t peer_delta =
@@ -594,16 +595,10 @@ __device__ __forceinline__ void producer(const Problem& p, SharedStorage& ss, in
       cute::cp_async_fence();
       cutlass::arch::cpasync_barrier_arrive_noinc(&ss.staged[b]);
     };
-    if (n_tiles > 0) stage_tile(0);
     for (int tile = 0; tile < n_tiles; ++tile) {
       const int b = tile & 1;
-      if (tile + 1 < n_tiles) {
-        stage_tile(tile + 1);
-      } else {
-        cute::cp_async_fence();  // two (empty) groups per tile keep the count below exact
-        cute::cp_async_fence();
-      }
-      cute::cp_async_wait<3>();  // this tile's half 0 (its half 1 and the next tile's pending)
+      stage_tile(tile);
+      cute::cp_async_wait<1>();  // this tile's half 0 (half 1, WG1's, may still be in flight)
       named_sync(kProducerSync, kProducerThreads);  // every thread's staged bytes have landed
       const uint32_t dst = smem_kv0 + b * kTileBytes;
       const uint32_t ready = cute::cast_smem_ptr_to_uint(&ss.ready[b][0]);
@@ -900,9 +895,9 @@ __global__ void __launch_bounds__(kThreads, 1)
         warpgroup_fence_operand(rO);
         warpgroup_fence_operand(rP);
         issue_pv(mma_own, rP, frag_v(thr_own, b ? buf1 : buf0), rO);
-        // Buffer b is freed as soon as this P V is done, not once the next tile has arrived: the
-        // FP8 producer stages tile + 2 before it finishes tile + 1, so waiting for the next tile
-        // here would close a cycle.
+        // Buffer b is freed as soon as this P V is done, not once the next tile has arrived (which
+        // made the refill of b wait on the fill of the other buffer: FP8 decode 285 TFLOP/s at
+        // d2a6110 then, bf16 decode 396 -> 417 without).
         warpgroup_wait<0>();
         warpgroup_fence_operand(rO);
         free_half(&ss.freed[b][0]);
@@ -918,9 +913,9 @@ __global__ void __launch_bounds__(kThreads, 1)
         }
       }
     } else {
-      // FP8: WG1 dequantises half 1 of every tile (its own V columns and the second half of S),
-      // a tile ahead: it would otherwise idle between its P V, and the producer's conversion sits
-      // between a tile's fill and the next.
+      // FP8: WG1 dequantises half 1 of every tile (its own V columns and the second half of S)
+      // right after its P V of the tile before: it would otherwise idle, and the producer's
+      // period would hold both conversions.
       auto convert_half1 = [&](int tile) {
         if constexpr (kMode == Mode::kDecodeFp8) {
           const int b = tile & 1;
@@ -945,7 +940,6 @@ __global__ void __launch_bounds__(kThreads, 1)
       if (n_tiles > 0) convert_half1(0);
       for (int tile = 0; tile < n_tiles; ++tile) {
         const int b = tile & 1;
-        if (tile + 1 < n_tiles) convert_half1(tile + 1);
         named_sync(kSerialPReady, kMathThreads);
         float alpha[2];
         CUTE_UNROLL
@@ -959,7 +953,10 @@ __global__ void __launch_bounds__(kThreads, 1)
         warpgroup_wait<0>();
         warpgroup_fence_operand(rO);
         free_half(&ss.freed[b][0]);
-        if (tile + 1 < n_tiles) named_arrive(kSerialPFree, kMathThreads);
+        if (tile + 1 < n_tiles) {
+          named_arrive(kSerialPFree, kMathThreads);
+          convert_half1(tile + 1);  // WG0 needs it after its P V and half 0 of the next S
+        }
       }
     }
   } else if (wg == 0) {
