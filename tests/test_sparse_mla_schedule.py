@@ -180,15 +180,19 @@ def free(cta, b, h):
         yield ("mb_arrive_peer", cta.at(f"freed{b}{h}", cta.peer))
 
 
+def tile_s(cta, b, t, phase):
+    """S of tile t in buffer b: each half once it has landed, then retired."""
+    for h in (0, 1):
+        yield ("mb_wait", cta.at(f"ready{b}{h}"), phase)
+        yield ("issue", kv(cta, b, h, t))
+    yield ("retire", 0)
+
+
 def math_wg0(m, n_tiles, cta):
     at = cta.at
     n_pairs = (n_tiles + 1) // 2
     if n_pairs:
-        yield ("mb_wait", at("ready00"), 0)
-        yield ("issue", kv(cta, 0, 0, 0))
-        yield ("mb_wait", at("ready01"), 0)
-        yield ("issue", kv(cta, 0, 1, 0))
-        yield ("retire", 0)
+        yield from tile_s(cta, 0, 0, 0)
     for pair in range(n_pairs):
         even, odd, phase = 2 * pair, 2 * pair + 1, pair & 1
         yield ("mb_wait", at("valid_ready0"), phase)
@@ -248,11 +252,7 @@ def math_wg1(m, n_tiles, cta):
 def math_wg0_serial(m, n_tiles, cta):
     at = cta.at
     if n_tiles:
-        yield ("mb_wait", at("ready00"), 0)
-        yield ("issue", kv(cta, 0, 0, 0))
-        yield ("mb_wait", at("ready01"), 0)
-        yield ("issue", kv(cta, 0, 1, 0))
-        yield ("retire", 0)
+        yield from tile_s(cta, 0, 0, 0)
     for t in range(n_tiles):
         b = t & 1
         yield ("mb_wait", at(f"valid_ready{b}"), (t >> 1) & 1)
@@ -266,12 +266,7 @@ def math_wg0_serial(m, n_tiles, cta):
         yield ("retire", 0)
         yield from free(cta, b, 0)  # before waiting for the next tile
         if t + 1 < n_tiles:
-            nb, phase = b ^ 1, ((t + 1) >> 1) & 1
-            yield ("mb_wait", at(f"ready{nb}0"), phase)
-            yield ("issue", kv(cta, nb, 0, t + 1))
-            yield ("mb_wait", at(f"ready{nb}1"), phase)
-            yield ("issue", kv(cta, nb, 1, t + 1))
-            yield ("retire", 0)
+            yield from tile_s(cta, b ^ 1, t + 1, ((t + 1) >> 1) & 1)
 
 
 def math_wg1_serial(m, n_tiles, cta, fp8):

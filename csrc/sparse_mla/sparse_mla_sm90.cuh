@@ -863,6 +863,15 @@ __global__ void __launch_bounds__(kThreads, 1)
   };
 
   using cutlass::arch::ClusterBarrier;
+  // S of the tile in buffer b (`buf`; `phase`: its fill's parity), each half once it has landed.
+  auto tile_s = [&](int b, bf16* buf, uint32_t phase) {
+    ClusterBarrier::wait(&ss.ready[b][0], phase);
+    warpgroup_fence_operand(rS);
+    issue_s<0, 16>(mma_s, frag_q(), frag_k(buf), rS, true);
+    ClusterBarrier::wait(&ss.ready[b][1], phase);
+    issue_s<16, 36>(mma_s, frag_q(), frag_k(buf), rS, false);
+    wait_s();
+  };
   ClusterBarrier::wait(&ss.q_ready, 0);
   if constexpr (kSerial) {
     // WG0: S of every tile, the softmax (the one running max), P to smem for WG1, P V of O
@@ -872,14 +881,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     bf16* const buf0 = reinterpret_cast<bf16*>(ss.kv[0]);
     bf16* const buf1 = reinterpret_cast<bf16*>(ss.kv[1]);
     if (wg == 0) {
-      if (n_tiles > 0) {
-        ClusterBarrier::wait(&ss.ready[0][0], 0);
-        warpgroup_fence_operand(rS);
-        issue_s<0, 16>(mma_s, frag_q(), frag_k(buf0), rS, true);
-        ClusterBarrier::wait(&ss.ready[0][1], 0);
-        issue_s<16, 36>(mma_s, frag_q(), frag_k(buf0), rS, false);
-        wait_s();
-      }
+      if (n_tiles > 0) tile_s(0, buf0, 0);
       for (int tile = 0; tile < n_tiles; ++tile) {
         const int b = tile & 1;
         ClusterBarrier::wait(&ss.valid_ready[b], (tile >> 1) & 1);
@@ -905,13 +907,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         free_half(&ss.freed[b][0]);
         if (tile + 1 < n_tiles) {
           const int nb = b ^ 1;
-          const uint32_t next_phase = ((tile + 1) >> 1) & 1;
-          ClusterBarrier::wait(&ss.ready[nb][0], next_phase);
-          warpgroup_fence_operand(rS);
-          issue_s<0, 16>(mma_s, frag_q(), frag_k(nb ? buf1 : buf0), rS, true);
-          ClusterBarrier::wait(&ss.ready[nb][1], next_phase);
-          issue_s<16, 36>(mma_s, frag_q(), frag_k(nb ? buf1 : buf0), rS, false);
-          wait_s();
+          tile_s(nb, nb ? buf1 : buf0, ((tile + 1) >> 1) & 1);
         }
       }
     } else {
@@ -964,14 +960,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   } else if (wg == 0) {
     // Even tiles (buffer 0); O columns 0-255. S of the first even tile before the loop, of the
     // next one at the end of each pair (overlapping the peer P V).
-    if (n_pairs > 0) {
-      ClusterBarrier::wait(&ss.ready[0][0], 0);
-      warpgroup_fence_operand(rS);
-      issue_s<0, 16>(mma_s, frag_q(), frag_k(own_buf), rS, true);
-      ClusterBarrier::wait(&ss.ready[0][1], 0);
-      issue_s<16, 36>(mma_s, frag_q(), frag_k(own_buf), rS, false);
-      wait_s();
-    }
+    if (n_pairs > 0) tile_s(0, own_buf, 0);
     for (int pair = 0; pair < n_pairs; ++pair) {
       const uint32_t phase = pair & 1;
       ClusterBarrier::wait(&ss.valid_ready[0], phase);
