@@ -171,8 +171,6 @@ enum NamedBarrierId : uint32_t {
   kProducerSync = 5,  // producer warpgroup: row ids written, FP8 staging landed / read
   kRowSums = 6,       // epilogue: both warpgroups' row sums in smem
   kWg1Convert = 7,    // WG1: its FP8 half's staging read before any is overwritten
-  kOutStaged = 8,     // epilogue: bf16 O of both warpgroups in smem (one id per use: racecheck
-                      // reported the O staging when it reused kRowSums)
   // The serial schedule (decode) uses 1 and 2 instead as:
   kSerialPReady = 1,  // WG0 -> WG1: P and alpha of a tile in smem
   kSerialPFree = 2,   // WG1 -> WG0: done with them
@@ -1100,7 +1098,7 @@ __global__ void __launch_bounds__(kThreads, 1)
                    "r"(pack_bf16x2(rO(e) * inv[h], rO(e + 1) * inv[h]))
                    : "memory");
     }
-    named_sync(kOutStaged, kMathThreads);
+    named_sync(kRowSums, kMathThreads);
     uint16_t* out = p.out + (qrow * p.Hq + head0) * kMlaDimLatent;
     constexpr int kChunksPerRow = kRowBytesO / 16;
     CUTE_UNROLL
