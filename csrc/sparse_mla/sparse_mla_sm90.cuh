@@ -47,7 +47,7 @@
 //   handoff. tests/test_sparse_mla_schedule.py replays both schedules on the CPU under random
 //   interleavings; a change to the handoff order must be mirrored there.
 // - Masked keys (-1, out of [0, N), positions past the block table or pages outside the cache,
-//   the tail past topk, the missing odd tile of an odd tile count) become zero rows and -inf
+//   the tail past topk, the alternating schedule's missing odd tile) become zero rows and -inf
 //   scores: nothing outside the tensors is ever read, and 0 * garbage can never make a NaN.
 // - Split-k (small batches): CTAs of one (query, head group) take disjoint tile ranges and write
 //   normalised fp32 partial outputs + lse to a workspace the op layer allocates; a second kernel
@@ -873,9 +873,9 @@ __global__ void __launch_bounds__(kThreads, 1)
   ClusterBarrier::wait(&ss.q_ready, 0);
   if constexpr (kSerial) {
     // WG0: S of every tile, the softmax (the one running max), P to smem for WG1, P V of O
-    // columns 0-255 from registers; S of the next tile overlaps that P V. WG1: rescales its O by
+    // columns 0-255 from registers; S of the next tile overlaps WG1's P V. WG1: rescales its O by
     // WG0's alpha and multiplies P from smem into O columns 256-511. A buffer is free once both
-    // P V of its tile are done, a whole tile before its next use.
+    // P V of its tile are done, a tile before its next use.
     bf16* const buf0 = reinterpret_cast<bf16*>(ss.kv[0]);
     bf16* const buf1 = reinterpret_cast<bf16*>(ss.kv[1]);
     if (wg == 0) {
