@@ -36,7 +36,8 @@
 //   bytes are the K-major B operand of Q K^T and the MN-major B operand of P V (V^T view), so
 //   nothing is transposed. bf16 rows arrive by cp.async (zero-filled when masked) tracked by the
 //   mbarriers; FP8 rows (656 B) are staged raw by cp.async inside the bf16 region of the half they
-//   become and dequantised there by the producer (e4m3 * fp32 scale, rounded to bf16).
+//   become and dequantised there (e4m3 * fp32 scale, rounded to bf16): half 0 by the producer,
+//   half 1 by WG1.
 // - Hq = 128 with the FP8 cache: the two head-group CTAs of a query are a cluster and share the
 //   conversion: each producer dequantises 32 of every tile's 64 rows and writes them into both
 //   CTAs' tiles (st.async, counted by the peer's ready mbarrier); a tile is free once the readers
@@ -365,9 +366,9 @@ __device__ __forceinline__ void copy_bf16_half(uint32_t dst_tile, const uint8_t*
 // FP8 rows are staged in smem before dequantisation, inside the bf16 region of the very half they
 // become (no other smem is left): the raw e4m3 of the half's 256 latent dims (256 B per row) in
 // its last two column blocks, the rows' four fp32 scales (16 B) in the block before. cp.async
-// fetches them as soon as the half is free; once they have landed every producer thread reads its
-// share into registers (16 e4m3 of chunk pt % 16 of a row, and their scale), a producer barrier,
-// then all write bf16 over the staging area.
+// fetches them as soon as the tile is free; once they have landed every thread of the converting
+// warpgroup (producer: half 0, WG1: half 1) reads its share into registers (16 e4m3 of chunk
+// t % 16 of a row, and their scale), a warpgroup barrier, then all write bf16 over the staging.
 //
 // Paired CTAs (the two head groups of an Hq = 128 query, one cluster) convert half of the rows
 // each and write them into both CTAs' tiles (st.async to the peer, counted by the peer's ready
@@ -451,8 +452,8 @@ __device__ __forceinline__ void st_async_v4(uint32_t cluster_addr, uint4 v, uint
       : "memory");
 }
 
-// Called by all producer threads once the staged bytes of every thread have landed. `peer_delta`
-// (paired only) moves a local smem address to the same place in the peer CTA.
+// Called by all threads of the converting warpgroup once the staged bytes have landed.
+// `peer_delta` (paired only) moves a local smem address to the same place in the peer CTA.
 template <int kHalf, bool kPaired>
 __device__ __forceinline__ void dequant_fp8_half(uint32_t dst_tile, int first_row, int pt,
                                                  uint32_t barrier, uint32_t peer_delta,
@@ -488,6 +489,27 @@ __device__ __forceinline__ void dequant_fp8_half(uint32_t dst_tile, int first_ro
   }
 }
 
+// Dequantises half h of the staged FP8 tile at `dst` (this CTA's rows, and paired also into the
+// peer's tile), then signals `ready`: thread 0 of the converting warpgroup posts the bytes the
+// peer's st.asyncs will complete there. Called by a whole warpgroup (`t`: thread in it) once the
+// staged bytes have landed; `barrier` is its named barrier.
+template <int kHalf, bool kPaired>
+__device__ __forceinline__ void dequant_and_publish(uint32_t dst, uint64_t* ready, int t,
+                                                    uint32_t barrier) {
+  const uint32_t rank = cute::block_rank_in_cluster();
+  const uint32_t peer_delta = kPaired ? map_to_cta(dst, rank ^ 1u) - dst : 0;
+  const int first_row = kPaired ? int(rank) * Fp8Rows<true>::kCount : 0;
+  dequant_fp8_half<kHalf, kPaired>(dst, first_row, t, barrier, peer_delta,
+                                   cute::cast_smem_ptr_to_uint(ready) + peer_delta);
+  cutlass::arch::fence_view_async_shared();  // st.shared / cp.async -> wgmma (async proxy)
+  if (kPaired && t == 0) {
+    cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(ready,
+                                                                   Fp8Rows<kPaired>::kPeerBytes);
+  } else {
+    cutlass::arch::ClusterBarrier::arrive(ready);
+  }
+}
+
 // The 64 RoPE dims (bf16) of the 64 FP8 rows: chunk pt % 8 of rows pt / 8 + 16 i.
 __device__ __forceinline__ void copy_fp8_rope(uint32_t dst_tile, const uint8_t* kv,
                                               const int64_t* rows, const void* fallback, int pt) {
@@ -501,10 +523,11 @@ __device__ __forceinline__ void copy_fp8_rope(uint32_t dst_tile, const uint8_t* 
   }
 }
 
-// Producer warpgroup: Q once, then per tile pair (even tile -> buffer 0, odd -> buffer 1) the four
-// halves in the order the math warpgroups free them. Thread pt resolves key pt % 64 of the pair's
-// tile pt / 64 (a software pipeline: the index of pair j + 1 and the block-table entry of its
-// position are loaded one pair ahead, so no dependent load stalls a fill).
+// Producer warpgroup: Q once, then per tile pair (even tile -> buffer 0, odd -> buffer 1) the
+// tiles in the order the schedule frees them (alternating: four halves, each as it is freed;
+// serial: whole tiles, FP8 staged and half 0 dequantised). Thread pt resolves key pt % 64 of the
+// pair's tile pt / 64 (a software pipeline: the index of pair j + 1 and the block-table entry of
+// its position are loaded one pair ahead, so no dependent load stalls a fill).
 template <Mode kMode, bool kPaired>
 __device__ __forceinline__ void producer(const Problem& p, SharedStorage& ss, int64_t qrow,
                                          int head0, int heads, int64_t key0, int n_tiles, int pt) {
@@ -578,8 +601,6 @@ __device__ __forceinline__ void producer(const Problem& p, SharedStorage& ss, in
     // they spill.
     const int pt_fp8 = opaque(pt);
     const int first_row = kPaired ? int(cute::block_rank_in_cluster()) * Fp8Rows<true>::kCount : 0;
-    const uint32_t peer_delta =
-        kPaired ? map_to_cta(smem_kv0, cute::block_rank_in_cluster() ^ 1u) - smem_kv0 : 0;
     uint32_t valid_bits = 0;
     auto stage_tile = [&](int tile) {
       const int pair = tile >> 1, b = tile & 1;
@@ -600,18 +621,8 @@ __device__ __forceinline__ void producer(const Problem& p, SharedStorage& ss, in
       stage_tile(tile);
       cute::cp_async_wait<1>();  // this tile's half 0 (half 1, WG1's, may still be in flight)
       named_sync(kProducerSync, kProducerThreads);  // every thread's staged bytes have landed
-      const uint32_t dst = smem_kv0 + b * kTileBytes;
-      const uint32_t ready = cute::cast_smem_ptr_to_uint(&ss.ready[b][0]);
-      dequant_fp8_half<0, kPaired>(dst, first_row, pt_fp8, kProducerSync, peer_delta,
-                                   ready + peer_delta);
-      cutlass::arch::fence_view_async_shared();  // st.shared / cp.async -> wgmma (async proxy)
-      if (kPaired && pt_fp8 == 0) {
-        // The peer's rows arrive by st.async and complete transaction bytes on this barrier.
-        cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(
-            &ss.ready[b][0], Fp8Rows<kPaired>::kPeerBytes);
-      } else {
-        cutlass::arch::ClusterBarrier::arrive(&ss.ready[b][0]);
-      }
+      dequant_and_publish<0, kPaired>(smem_kv0 + b * kTileBytes, &ss.ready[b][0], pt_fp8,
+                                      kProducerSync);
     }
   } else {
     // bf16 rows: cp.async, the ready mbarrier completes when they land (nothing to wait for).
@@ -783,11 +794,9 @@ __global__ void __launch_bounds__(kThreads, 1)
     return thr.partition_fragment_B(
         local_tile(v, Shape<Int<kVColsPerWg>, _64>{}, make_coord(wg, _0{})));
   };
-  auto frag_peer_p = [&] {
-    return thr_peer.partition_fragment_A(make_tensor(make_smem_ptr(opaque(peer_p)), SmemLayoutP{}));
-  };
-  auto frag_p_odd = [&] {
-    return thr_peer.partition_fragment_A(make_tensor(make_smem_ptr(opaque(p_odd)), SmemLayoutP{}));
+  // P tile in smem as the A operand of a P V (alternating: the peer's P; serial: WG0's, p_odd).
+  auto frag_p = [&](bf16* p_tile) {
+    return thr_peer.partition_fragment_A(make_tensor(make_smem_ptr(opaque(p_tile)), SmemLayoutP{}));
   };
   const uint32_t smem_p_odd = cute::cast_smem_ptr_to_uint(p_odd);
   const uint32_t smem_p_own = cute::cast_smem_ptr_to_uint(wg == 0 ? p_even : p_odd);
@@ -916,21 +925,8 @@ __global__ void __launch_bounds__(kThreads, 1)
         if constexpr (kMode == Mode::kDecodeFp8) {
           const int b = tile & 1;
           ClusterBarrier::wait(&ss.staged[b], (tile >> 1) & 1);
-          const uint32_t dst = cute::cast_smem_ptr_to_uint(b ? buf1 : buf0);
-          const uint32_t peer_delta =
-              kPaired ? map_to_cta(dst, cute::block_rank_in_cluster() ^ 1u) - dst : 0;
-          const uint32_t ready = cute::cast_smem_ptr_to_uint(&ss.ready[b][1]);
-          const int first_row =
-              kPaired ? int(cute::block_rank_in_cluster()) * Fp8Rows<true>::kCount : 0;
-          dequant_fp8_half<1, kPaired>(dst, first_row, t, kWg1Convert, peer_delta,
-                                       ready + peer_delta);
-          cutlass::arch::fence_view_async_shared();
-          if (kPaired && t == 0) {
-            cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(
-                &ss.ready[b][1], Fp8Rows<kPaired>::kPeerBytes);
-          } else {
-            ClusterBarrier::arrive(&ss.ready[b][1]);
-          }
+          dequant_and_publish<1, kPaired>(cute::cast_smem_ptr_to_uint(b ? buf1 : buf0),
+                                          &ss.ready[b][1], t, kWg1Convert);
         }
       };
       if (n_tiles > 0) convert_half1(0);
@@ -945,7 +941,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           for (int e = 0; e < size(rO); ++e) rO(e) *= alpha[(e / 2) % 2];
         }
         warpgroup_fence_operand(rO);
-        issue_pv(mma_peer, frag_p_odd(), frag_v(thr_peer, b ? buf1 : buf0), rO);
+        issue_pv(mma_peer, frag_p(p_odd), frag_v(thr_peer, b ? buf1 : buf0), rO);
         warpgroup_wait<0>();
         warpgroup_fence_operand(rO);
         free_half(&ss.freed[b][0]);
@@ -955,94 +951,91 @@ __global__ void __launch_bounds__(kThreads, 1)
         }
       }
     }
-  } else if (wg == 0) {
-    // Even tiles (buffer 0); O columns 0-255. S of the first even tile before the loop, of the
-    // next one at the end of each pair (overlapping the peer P V).
-    if (n_pairs > 0) tile_s(0, own_buf, 0);
-    for (int pair = 0; pair < n_pairs; ++pair) {
-      const uint32_t phase = pair & 1;
-      ClusterBarrier::wait(&ss.valid_ready[0], phase);
-      const float m_prev[2] = {m_run[0], m_run[1]};
-      float alpha[2];
-      softmax_own(m_prev, 0, alpha);
-      publish_max();
-      named_arrive(kMaxEvenReady, kMathThreads);
-      warpgroup_fence_operand(rO);
-      warpgroup_fence_operand(rP);
-      issue_pv(mma_own, rP, frag_v(thr_own, own_buf), rO);
-      warpgroup_wait<0>();
-      warpgroup_fence_operand(rO);
-      free_half(&ss.freed[0][0]);
-
-      // The odd tile's max is the pair's: rescale this tile's P for WG1 and this half of O.
-      named_sync(kMaxOddReady, kMathThreads);
-      float scale[2];
-      CUTE_UNROLL
-      for (int h = 0; h < 2; ++h) {
-        const float m_odd = ss.m_exchange[row_in_wg + 8 * h];
-        const float m_use = m_odd == kNegInf ? 0.0f : m_odd;
-        scale[h] = exp2f((m_run[h] - m_use) * scale_log2);
-        m_run[h] = m_odd;
-        l_run[h] *= scale[h];
-      }
-      store_p(rS, scale[0], scale[1], smem_p_own, row_in_wg, lane);
-      cutlass::arch::fence_view_async_shared();
-      named_arrive(kPEvenReady, kMathThreads);
-      if (__any_sync(0xFFFFFFFFu, scale[0] != 1.0f || scale[1] != 1.0f)) {
-        CUTE_UNROLL
-        for (int e = 0; e < size(rO); ++e) rO(e) *= scale[(e / 2) % 2];
-      }
-      named_sync(kPOddReady, kMathThreads);
-      warpgroup_fence_operand(rO);
-      issue_pv(mma_peer, frag_peer_p(), frag_v(thr_peer, peer_buf), rO);
-      if (pair + 1 < n_pairs) {
-        // The next even tile's S overlaps the peer P V; buffer 1 half 0 is free once that is done.
-        ClusterBarrier::wait(&ss.ready[0][0], phase ^ 1);
-        warpgroup_fence_operand(rS);
-        issue_s<0, 16>(mma_s, frag_q(), frag_k(own_buf), rS, true);
-        warpgroup_wait<1>();
-        free_half(&ss.freed[1][0]);
-        ClusterBarrier::wait(&ss.ready[0][1], phase ^ 1);
-        issue_s<16, 36>(mma_s, frag_q(), frag_k(own_buf), rS, false);
-        wait_s();
-      } else {
-        warpgroup_wait<0>();
-        free_half(&ss.freed[1][0]);
-      }
-      warpgroup_fence_operand(rO);
-    }
   } else {
-    // Odd tiles (buffer 1); O columns 256-511.
-    for (int pair = 0; pair < n_pairs; ++pair) {
-      const uint32_t phase = pair & 1;
-      ClusterBarrier::wait(&ss.ready[1][1], phase);
-      warpgroup_fence_operand(rS);
-      issue_s<16, 36>(mma_s, frag_q(), frag_k(own_buf), rS, true);
-      ClusterBarrier::wait(&ss.ready[1][0], phase);
-      issue_s<0, 16>(mma_s, frag_q(), frag_k(own_buf), rS, false);
-      wait_s();
-      ClusterBarrier::wait(&ss.valid_ready[1], phase);
-      named_sync(kMaxEvenReady, kMathThreads);
-      float m_prev[2];
-      CUTE_UNROLL
-      for (int h = 0; h < 2; ++h) m_prev[h] = ss.m_exchange[row_in_wg + 8 * h];
+    // Alternating: the softmax of this warpgroup's tile (buffer b = wg) against the running max so
+    // far, the new max handed to the other warpgroup (`handoff`), then P V into own O columns.
+    auto own_tile_pv = [&](const float (&m_prev)[2], int b, uint32_t handoff) {
       float alpha[2];
-      softmax_own(m_prev, 1, alpha);
+      softmax_own(m_prev, b, alpha);
       publish_max();
-      named_arrive(kMaxOddReady, kMathThreads);
+      named_arrive(handoff, kMathThreads);
       warpgroup_fence_operand(rO);
       warpgroup_fence_operand(rP);
       issue_pv(mma_own, rP, frag_v(thr_own, own_buf), rO);
-      store_p(rS, 1.0f, 1.0f, smem_p_own, row_in_wg, lane);
-      named_sync(kPEvenReady, kMathThreads);
-      issue_pv(mma_peer, frag_peer_p(), frag_v(thr_peer, peer_buf), rO);
-      cutlass::arch::fence_view_async_shared();
-      named_arrive(kPOddReady, kMathThreads);
-      warpgroup_wait<1>();
-      free_half(&ss.freed[1][1]);
-      warpgroup_wait<0>();
-      warpgroup_fence_operand(rO);
-      free_half(&ss.freed[0][1]);
+    };
+    if (wg == 0) {
+      // Even tiles (buffer 0); O columns 0-255. S of the first even tile before the loop, of the
+      // next one at the end of each pair (overlapping the peer P V).
+      if (n_pairs > 0) tile_s(0, own_buf, 0);
+      for (int pair = 0; pair < n_pairs; ++pair) {
+        const uint32_t phase = pair & 1;
+        ClusterBarrier::wait(&ss.valid_ready[0], phase);
+        own_tile_pv({m_run[0], m_run[1]}, 0, kMaxEvenReady);
+        warpgroup_wait<0>();
+        warpgroup_fence_operand(rO);
+        free_half(&ss.freed[0][0]);
+
+        // The odd tile's max is the pair's: rescale this tile's P for WG1 and this half of O.
+        named_sync(kMaxOddReady, kMathThreads);
+        float scale[2];
+        CUTE_UNROLL
+        for (int h = 0; h < 2; ++h) {
+          const float m_odd = ss.m_exchange[row_in_wg + 8 * h];
+          const float m_use = m_odd == kNegInf ? 0.0f : m_odd;
+          scale[h] = exp2f((m_run[h] - m_use) * scale_log2);
+          m_run[h] = m_odd;
+          l_run[h] *= scale[h];
+        }
+        store_p(rS, scale[0], scale[1], smem_p_own, row_in_wg, lane);
+        cutlass::arch::fence_view_async_shared();
+        named_arrive(kPEvenReady, kMathThreads);
+        if (__any_sync(0xFFFFFFFFu, scale[0] != 1.0f || scale[1] != 1.0f)) {
+          CUTE_UNROLL
+          for (int e = 0; e < size(rO); ++e) rO(e) *= scale[(e / 2) % 2];
+        }
+        named_sync(kPOddReady, kMathThreads);
+        warpgroup_fence_operand(rO);
+        issue_pv(mma_peer, frag_p(peer_p), frag_v(thr_peer, peer_buf), rO);
+        if (pair + 1 < n_pairs) {
+          // The next even tile's S overlaps the peer P V; buffer 1 half 0 is free once that is done.
+          ClusterBarrier::wait(&ss.ready[0][0], phase ^ 1);
+          warpgroup_fence_operand(rS);
+          issue_s<0, 16>(mma_s, frag_q(), frag_k(own_buf), rS, true);
+          warpgroup_wait<1>();
+          free_half(&ss.freed[1][0]);
+          ClusterBarrier::wait(&ss.ready[0][1], phase ^ 1);
+          issue_s<16, 36>(mma_s, frag_q(), frag_k(own_buf), rS, false);
+          wait_s();
+        } else {
+          warpgroup_wait<0>();
+          free_half(&ss.freed[1][0]);
+        }
+        warpgroup_fence_operand(rO);
+      }
+    } else {
+      // Odd tiles (buffer 1); O columns 256-511.
+      for (int pair = 0; pair < n_pairs; ++pair) {
+        const uint32_t phase = pair & 1;
+        ClusterBarrier::wait(&ss.ready[1][1], phase);
+        warpgroup_fence_operand(rS);
+        issue_s<16, 36>(mma_s, frag_q(), frag_k(own_buf), rS, true);
+        ClusterBarrier::wait(&ss.ready[1][0], phase);
+        issue_s<0, 16>(mma_s, frag_q(), frag_k(own_buf), rS, false);
+        wait_s();
+        ClusterBarrier::wait(&ss.valid_ready[1], phase);
+        named_sync(kMaxEvenReady, kMathThreads);
+        own_tile_pv({ss.m_exchange[row_in_wg], ss.m_exchange[row_in_wg + 8]}, 1, kMaxOddReady);
+        store_p(rS, 1.0f, 1.0f, smem_p_own, row_in_wg, lane);
+        named_sync(kPEvenReady, kMathThreads);
+        issue_pv(mma_peer, frag_p(peer_p), frag_v(thr_peer, peer_buf), rO);
+        cutlass::arch::fence_view_async_shared();
+        named_arrive(kPOddReady, kMathThreads);
+        warpgroup_wait<1>();
+        free_half(&ss.freed[1][1]);
+        warpgroup_wait<0>();
+        warpgroup_fence_operand(rO);
+        free_half(&ss.freed[0][1]);
+      }
     }
   }
 
