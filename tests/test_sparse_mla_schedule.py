@@ -272,7 +272,7 @@ def math_wg0_serial(m, n_tiles, cta):
 def math_wg1_serial(m, n_tiles, cta, fp8):
     at = cta.at
 
-    def convert(tile):  # FP8: half 1 of the next tile, after the P V of this one
+    def convert(tile):  # FP8: half 1 of the next tile, during the P V of this one
         if fp8:
             yield ("mb_wait", at(f"staged{tile & 1}"), (tile >> 1) & 1)
             yield from dequant(cta, tile, 1)
@@ -285,11 +285,12 @@ def math_wg1_serial(m, n_tiles, cta, fp8):
         yield ("read", at("alpha"), ("alpha", t))
         yield ("issue", [(at("p_odd"), ("P", t))]
                + [(r, ("kv", t)) for r in cta.latent(b, 1, cta.rows)])  # P V, columns 256-511
+        if t + 1 < n_tiles:
+            yield from convert(t + 1)  # while the P V runs
         yield ("retire", 0)
         yield from free(cta, b, 0)
         if t + 1 < n_tiles:
             yield ("bar_arrive", at(P_FREE))
-            yield from convert(t + 1)
 
 
 FILLS = {  # fill -> (schedule, FP8 rows, paired CTAs), as the kernel instantiates them

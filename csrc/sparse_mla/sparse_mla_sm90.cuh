@@ -30,7 +30,7 @@
 //   refilled whole once both P V of its tile are done, a tile of compute before WG0 needs it:
 //   room for rows that come from HBM (decode rows are read once). FP8 rows must also be
 //   dequantised after they land: the producer dequantises half 0, WG1 (otherwise idle between
-//   its P V) half 1, right after its P V of the tile before.
+//   its P V) half 1, while its P V of the tile before runs.
 // - Q 72 KB + 2 x 72 KB tiles + 8 KB of P = the 227 KB an sm_90 CTA may use.
 // - The KV tile is stored once, row-major [key][576] in 128-byte-swizzled 8x64 atoms; the same
 //   bytes are the K-major B operand of Q K^T and the MN-major B operand of P V (V^T view), so
@@ -595,7 +595,7 @@ __device__ __forceinline__ void producer(const Problem& p, SharedStorage& ss, in
   if constexpr (kFp8) {
     // Decode, FP8 (serial schedule): a tile is staged as soon as its buffer is free (a tile of
     // math before its S), then the producer dequantises half 0 as soon as it lands and WG1 half
-    // 1 (after its P V of the tile before, `staged` says the bytes have landed). Staging tile
+    // 1 (during its P V of the tile before, `staged` says the bytes have landed). Staging tile
     // t + 1 before dequantising tile t instead (f0c3fd5) gates each conversion on the next free:
     // FP8 decode 285 -> 248 TFLOP/s. Addresses are recomputed at use (see opaque()): hoisted,
     // they spill.
@@ -919,8 +919,9 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
     } else {
       // FP8: WG1 dequantises half 1 of every tile (its own V columns and the second half of S)
-      // right after its P V of the tile before: it would otherwise idle, and the producer's
-      // period would hold both conversions.
+      // while its P V of the tile before runs: it would otherwise idle, and the producer's period
+      // would hold both conversions. After that P V instead (59d59c2), WG0 waited for it in the
+      // next S: a third of WG0's time (Nsight Compute, FP8 decode B = 128, Hq = 128).
       auto convert_half1 = [&](int tile) {
         if constexpr (kMode == Mode::kDecodeFp8) {
           const int b = tile & 1;
@@ -942,13 +943,12 @@ __global__ void __launch_bounds__(kThreads, 1)
         }
         warpgroup_fence_operand(rO);
         issue_pv(mma_peer, frag_p(p_odd), frag_v(thr_peer, b ? buf1 : buf0), rO);
+        // The other buffer: staged once tile - 1's P V were done, so no wait on this P V.
+        if (tile + 1 < n_tiles) convert_half1(tile + 1);
         warpgroup_wait<0>();
         warpgroup_fence_operand(rO);
         free_half(&ss.freed[b][0]);
-        if (tile + 1 < n_tiles) {
-          named_arrive(kSerialPFree, kMathThreads);
-          convert_half1(tile + 1);  // WG0 needs it after its P V and half 0 of the next S
-        }
+        if (tile + 1 < n_tiles) named_arrive(kSerialPFree, kMathThreads);
       }
     }
   } else {
