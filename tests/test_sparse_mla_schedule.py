@@ -197,13 +197,13 @@ def math_wg0(m, n_tiles, cta):
         even, odd, phase = 2 * pair, 2 * pair + 1, pair & 1
         yield ("mb_wait", at("valid_ready0"), phase)
         yield ("read", at("valid0"), ("valid", even))
-        yield ("write", at("m"), ("m", even))
+        yield ("write", at("m_from_wg0"), ("m", even))
         yield ("bar_arrive", at(MAX_EVEN))
         yield ("issue", [(r, ("kv", even)) for r in cta.latent(0, 0, cta.rows)])  # own P V
         yield ("retire", 0)
         yield from free(cta, 0, 0)
         yield ("bar_sync", at(MAX_ODD))
-        yield ("read", at("m"), ("m", odd))
+        yield ("read", at("m_from_wg1"), ("tile_max", odd))
         yield ("write", at("k0rope"), ("P", even))             # P of the even tile, RoPE block
         yield ("bar_arrive", at(P_EVEN))
         yield ("bar_sync", at(P_ODD))
@@ -232,11 +232,11 @@ def math_wg1(m, n_tiles, cta):
         yield ("issue", kv(cta, 1, 0, odd))
         yield ("retire", 0)
         yield ("mb_wait", at("valid_ready1"), phase)
-        yield ("bar_sync", at(MAX_EVEN))
-        yield ("read", at("m"), ("m", even))
         yield ("read", at("valid1"), ("valid", odd))
-        yield ("write", at("m"), ("m", odd))
+        yield ("write", at("m_from_wg1"), ("tile_max", odd))
         yield ("bar_arrive", at(MAX_ODD))
+        yield ("bar_sync", at(MAX_EVEN))
+        yield ("read", at("m_from_wg0"), ("m", even))
         yield ("issue", [(r, ("kv", odd)) for r in cta.latent(1, 1, cta.rows)])  # own P V
         yield ("write", at("p_odd"), ("P", odd))
         yield ("bar_sync", at(P_EVEN))
@@ -261,7 +261,7 @@ def math_wg0_serial(m, n_tiles, cta):
             yield ("bar_sync", at(P_FREE))
         yield ("write", at("p_odd"), ("P", t))
         yield ("write", at("alpha"), ("alpha", t))
-        yield ("bar_arrive", at(P_READY))
+        yield ("bar_sync", at(P_READY))
         yield ("issue", [(r, ("kv", t)) for r in cta.latent(b, 0, cta.rows)])  # own P V
         yield ("retire", 0)
         yield from free(cta, b, 0)  # before waiting for the next tile
@@ -290,7 +290,7 @@ def math_wg1_serial(m, n_tiles, cta, fp8):
         yield ("retire", 0)
         yield from free(cta, b, 0)
         if t + 1 < n_tiles:
-            yield ("bar_arrive", at(P_FREE))
+            yield ("bar_sync", at(P_FREE))
 
 
 FILLS = {  # fill -> (schedule, FP8 rows, paired CTAs), as the kernel instantiates them

@@ -42,10 +42,12 @@
 //   conversion: each producer dequantises 32 of every tile's 64 rows and writes them into both
 //   CTAs' tiles (st.async, counted by the peer's ready mbarrier); a tile is free once the readers
 //   of both CTAs are done.
-// - The handoffs between warpgroups are mbarriers (producer <-> math) and named barriers that one
-//   side arrives at and the other waits on (bar.arrive / bar.sync, WG0 <-> WG1). racecheck reports
-//   hazards across both and also across the epilogue's plain bar.sync (even a __syncthreads in
-//   its place): not clean, cause not found (bench/NOTES.md, session 8).
+// - The handoffs between warpgroups are mbarriers (producer <-> math) and named barriers
+//   (WG0 <-> WG1). compute-sanitizer racecheck orders two threads' smem accesses across named
+//   barriers only by how many bar.syncs each has passed (bar.arrive and mbarrier waits do not
+//   count; bench/racecheck_probe.cu), so the math warpgroups pass the same bar.syncs, every value
+//   handed over is written before the writer's next bar.sync and read after the reader's, and
+//   the one warpgroup-local sync (WG1's FP8 staging) is an mbarrier.
 //   tests/test_sparse_mla_schedule.py replays both schedules on the CPU under random
 //   interleavings; a change to the handoff order must be mirrored there.
 // - Masked keys (-1, out of [0, N), positions past the block table or pages outside the cache,
@@ -143,14 +145,14 @@ struct SharedStorage {
   uint16_t p_odd[kHeadsPerCta * kBlockKeys];  // offset 221184 (P of the even tile: kv[0]'s RoPE)
   int64_t rows[2][2][kBlockKeys];           // [pair % 2][buffer][key]: KV row, -1 masked
   uint32_t valid[2][2];                     // [buffer][word]: bit k of word w = key 32 w + k
-  float m_exchange[kHeadsPerCta];           // running row max (raw score), handed WG0 <-> WG1
-  float row_exchange[2][kHeadsPerCta];      // epilogue: row sums per warpgroup (alternating);
-                                            // WG0's row sum and max (serial)
+  float row_exchange[3][kHeadsPerCta];      // [ExchangeSlot][head row]: per-row values handed
+                                            // between the math warpgroups
   uint64_t q_ready;
   uint64_t ready[2][2];                     // [buffer][half]: filled (producer -> math)
   uint64_t freed[2][2];                     // [buffer][half]: last reader done (math -> producer)
   uint64_t valid_ready[2];                  // [buffer]: valid words of the current tile
   uint64_t staged[2];                       // [buffer]: FP8 raw bytes landed (producer -> WG1)
+  uint64_t wg1_staging_read;                // FP8: WG1 read its half's staged bytes (WG1 only)
 };
 static_assert(offsetof(SharedStorage, kv) % 1024 == 0 && offsetof(SharedStorage, p_odd) % 1024 == 0,
               "swizzled tiles need 1024-byte alignment");
@@ -163,8 +165,16 @@ __device__ __forceinline__ uint32_t tile_chunk_offset(int r, int c) {
   return uint32_t((c >> 3) * 4096 + r * 64 + (((c & 7) ^ (r & 7)) << 3));
 }
 
+// Slots of row_exchange. Loop: kFromWg0 carries WG0 -> WG1 the running max after the even tile
+// (alternating) or the tile's alpha (serial); kFromWg1 carries WG1 -> WG0 the odd tile's own row
+// max (alternating). Epilogue: kFromWg1 and kEpilogue hold the two warpgroups' row sums
+// (alternating: WG1's and WG0's) or WG0's row sum and row max (serial). WG1 reuses kFromWg1 only
+// after WG0's last read of it (WG1 reaches the epilogue past kPEvenReady, which WG0 arrives at
+// after that read); the serial epilogue avoids kFromWg0, which WG1 may still be reading.
+enum ExchangeSlot : int { kFromWg0 = 0, kFromWg1 = 1, kEpilogue = 2 };
+
 // Named barriers (0 is __syncthreads). Each is used once per tile pair, by 256 math threads: one
-// warpgroup arrives, the other waits.
+// warpgroup arrives, the other waits (alternating), or both wait (serial, see the kernel).
 enum NamedBarrierId : uint32_t {
   kMaxEvenReady = 1,  // WG0 -> WG1: running max after the even tile
   kMaxOddReady = 2,   // WG1 -> WG0: running max after the odd tile
@@ -172,7 +182,6 @@ enum NamedBarrierId : uint32_t {
   kPOddReady = 4,     // WG1 -> WG0: P of the odd tile in smem
   kProducerSync = 5,  // producer warpgroup: row ids written, FP8 staging landed / read
   kRowSums = 6,       // epilogue: both warpgroups' row sums in smem
-  kWg1Convert = 7,    // WG1: its FP8 half's staging read before any is overwritten
   // The serial schedule (decode) uses 1 and 2 instead as:
   kSerialPReady = 1,  // WG0 -> WG1: P and alpha of a tile in smem
   kSerialPFree = 2,   // WG1 -> WG0: done with them
@@ -455,10 +464,10 @@ __device__ __forceinline__ void st_async_v4(uint32_t cluster_addr, uint4 v, uint
 
 // Called by all threads of the converting warpgroup once the staged bytes have landed.
 // `peer_delta` (paired only) moves a local smem address to the same place in the peer CTA.
-template <int kHalf, bool kPaired>
+template <int kHalf, bool kPaired, class SyncStagingRead>
 __device__ __forceinline__ void dequant_fp8_half(uint32_t dst_tile, int first_row, int pt,
-                                                 uint32_t barrier, uint32_t peer_delta,
-                                                 uint32_t peer_ready) {
+                                                 SyncStagingRead sync_staging_read,
+                                                 uint32_t peer_delta, uint32_t peer_ready) {
   constexpr int kPer = Fp8Rows<kPaired>::kPerThread;
   const int c = pt % 16;
   uint4 lat[kPer];
@@ -469,7 +478,7 @@ __device__ __forceinline__ void dequant_fp8_half(uint32_t dst_tile, int first_ro
     scale[i] = ld_shared_f32(dst_tile + fp8_scale_offset<kHalf>(first_row, j) +
                              4 * (2 * kHalf + c / 8));
   });
-  named_sync(barrier, kProducerThreads);  // all staged bytes read before any is overwritten
+  sync_staging_read();  // all staged bytes read before any is overwritten
 #pragma unroll
   for (int i = 0; i < kPer; ++i) {
     const int r = first_row + pt / 16 + 8 * i;
@@ -493,14 +502,14 @@ __device__ __forceinline__ void dequant_fp8_half(uint32_t dst_tile, int first_ro
 // Dequantises half h of the staged FP8 tile at `dst` (this CTA's rows, and paired also into the
 // peer's tile), then signals `ready`: thread 0 of the converting warpgroup posts the bytes the
 // peer's st.asyncs will complete there. Called by a whole warpgroup (`t`: thread in it) once the
-// staged bytes have landed; `barrier` is its named barrier.
-template <int kHalf, bool kPaired>
+// staged bytes have landed; `sync_staging_read()` synchronises that warpgroup.
+template <int kHalf, bool kPaired, class SyncStagingRead>
 __device__ __forceinline__ void dequant_and_publish(uint32_t dst, uint64_t* ready, int t,
-                                                    uint32_t barrier) {
+                                                    SyncStagingRead sync_staging_read) {
   const uint32_t rank = cute::block_rank_in_cluster();
   const uint32_t peer_delta = kPaired ? map_to_cta(dst, rank ^ 1u) - dst : 0;
   const int first_row = kPaired ? int(rank) * Fp8Rows<true>::kCount : 0;
-  dequant_fp8_half<kHalf, kPaired>(dst, first_row, t, barrier, peer_delta,
+  dequant_fp8_half<kHalf, kPaired>(dst, first_row, t, sync_staging_read, peer_delta,
                                    cute::cast_smem_ptr_to_uint(ready) + peer_delta);
   cutlass::arch::fence_view_async_shared();  // st.shared / cp.async -> wgmma (async proxy)
   if (kPaired && t == 0) {
@@ -623,7 +632,7 @@ __device__ __forceinline__ void producer(const Problem& p, SharedStorage& ss, in
       cute::cp_async_wait<1>();  // this tile's half 0 (half 1, WG1's, may still be in flight)
       named_sync(kProducerSync, kProducerThreads);  // every thread's staged bytes have landed
       dequant_and_publish<0, kPaired>(smem_kv0 + b * kTileBytes, &ss.ready[b][0], pt_fp8,
-                                      kProducerSync);
+                                      [] { named_sync(kProducerSync, kProducerThreads); });
     }
   } else {
     // bf16 rows: cp.async, the ready mbarrier completes when they land (nothing to wait for).
@@ -753,6 +762,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       ClusterBarrier::init(&ss.valid_ready[b], 2);  // lane 0 of the two warps resolving buffer b
       ClusterBarrier::init(&ss.staged[b], kProducerThreads);
     }
+    ClusterBarrier::init(&ss.wg1_staging_read, kMathThreads / 2);  // WG1's threads
     cutlass::arch::fence_barrier_init();
   }
   if constexpr (kPaired) {
@@ -815,9 +825,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   float m_run[2] = {kNegInf, kNegInf};  // raw-score row max that O and l are relative to
   float l_run[2] = {0.0f, 0.0f};        // this warpgroup's tiles only, same reference
 
-  // Masks S of the tile in buffer b, folds its row max into m_prev and makes P relative to the
-  // result (rS: fp32 P, rP: bf16 P); O and l move to the new reference by `alpha` (m_run is it).
-  auto softmax_own = [&](const float (&m_prev)[2], int b, float (&alpha)[2]) {
+  // Masks S of the tile in buffer b (invalid keys: -inf); `tile_max`: its row max.
+  auto mask_s = [&](int b, float (&tile_max)[2]) {
     const uint32_t v0 = ss.valid[b][0], v1 = ss.valid[b][1];
     float mx[2] = {kNegInf, kNegInf};
     CUTE_UNROLL
@@ -828,10 +837,16 @@ __global__ void __launch_bounds__(kThreads, 1)
       rS(e) = s;
       mx[(e / 2) % 2] = fmaxf(mx[(e / 2) % 2], s);
     }
+    CUTE_UNROLL
+    for (int h = 0; h < 2; ++h) tile_max[h] = quad_max(mx[h]);
+  };
+  // Folds the masked tile's row max into m_prev and makes P relative to the result (rS: fp32 P,
+  // rP: bf16 P); O and l move to the new reference by `alpha` (m_run is it).
+  auto softmax_own = [&](const float (&m_prev)[2], const float (&tile_max)[2], float (&alpha)[2]) {
     float m_scaled[2];
     CUTE_UNROLL
     for (int h = 0; h < 2; ++h) {
-      const float m_new = fmaxf(m_prev[h], quad_max(mx[h]));
+      const float m_new = fmaxf(m_prev[h], tile_max[h]);
       const float m_use = m_new == kNegInf ? 0.0f : m_new;  // no valid key yet: exp2(-inf) = 0
       alpha[h] = exp2f((m_run[h] - m_use) * scale_log2);
       m_scaled[h] = m_use * scale_log2;
@@ -850,12 +865,14 @@ __global__ void __launch_bounds__(kThreads, 1)
       for (int e = 0; e < size(rO); ++e) rO(e) *= alpha[(e / 2) % 2];
     }
   };
-  auto publish_max = [&]() {
+  // One value per row (the quad's lane 0 writes it) into an exchange slot, and reading it back.
+  auto publish_rows = [&](int slot, const float (&v)[2]) {
     if (lane % 4 == 0) {
-      ss.m_exchange[row_in_wg] = m_run[0];
-      ss.m_exchange[row_in_wg + 8] = m_run[1];
+      ss.row_exchange[slot][row_in_wg] = v[0];
+      ss.row_exchange[slot][row_in_wg + 8] = v[1];
     }
   };
+  auto exchanged = [&](int slot, int h) { return ss.row_exchange[slot][row_in_wg + 8 * h]; };
   auto wait_s = [&]() {
     warpgroup_wait<0>();
     warpgroup_fence_operand(rS);
@@ -886,6 +903,12 @@ __global__ void __launch_bounds__(kThreads, 1)
     // columns 0-255 from registers; S of the next tile overlaps WG1's P V. WG1: rescales its O by
     // WG0's alpha and multiplies P from smem into O columns 256-511. A buffer is free once both
     // P V of its tile are done, a tile before its next use.
+    // Both warpgroups bar.sync both handoffs (no bar.arrive): WG1 has nothing to do between
+    // kSerialPFree and kSerialPReady and is the one waiting at either, so WG0 never waits longer
+    // for it. Each warpgroup then passes the same bar.syncs, which compute-sanitizer racecheck
+    // needs to see the handoffs: it orders shared-memory accesses of two threads by how many
+    // bar.syncs each has passed, so a bar.arrive -> bar.sync handoff in both directions reads as
+    // a race (bench/racecheck_probe.cu; bench/NOTES.md, session 10).
     bf16* const buf0 = reinterpret_cast<bf16*>(ss.kv[0]);
     bf16* const buf1 = reinterpret_cast<bf16*>(ss.kv[1]);
     if (wg == 0) {
@@ -894,16 +917,14 @@ __global__ void __launch_bounds__(kThreads, 1)
         const int b = tile & 1;
         ClusterBarrier::wait(&ss.valid_ready[b], (tile >> 1) & 1);
         const float m_prev[2] = {m_run[0], m_run[1]};
-        float alpha[2];
-        softmax_own(m_prev, b, alpha);
+        float tile_max[2], alpha[2];
+        mask_s(b, tile_max);
+        softmax_own(m_prev, tile_max, alpha);
         if (tile > 0) named_sync(kSerialPFree, kMathThreads);  // WG1 done with P, alpha of tile-1
         store_p(rS, 1.0f, 1.0f, smem_p_odd, row_in_wg, lane);
-        if (lane % 4 == 0) {
-          ss.m_exchange[row_in_wg] = alpha[0];
-          ss.m_exchange[row_in_wg + 8] = alpha[1];
-        }
+        publish_rows(kFromWg0, alpha);
         cutlass::arch::fence_view_async_shared();
-        named_arrive(kSerialPReady, kMathThreads);
+        named_sync(kSerialPReady, kMathThreads);
         warpgroup_fence_operand(rO);
         warpgroup_fence_operand(rP);
         issue_pv(mma_own, rP, frag_v(thr_own, b ? buf1 : buf0), rO);
@@ -923,12 +944,17 @@ __global__ void __launch_bounds__(kThreads, 1)
       // while its P V of the tile before runs: it would otherwise idle, and the producer's period
       // would hold both conversions. After that P V instead (59d59c2), WG0 waited for it in the
       // next S: a third of WG0's time (Nsight Compute, FP8 decode B = 128, Hq = 128).
+      // Its staging sync is an mbarrier, not a named barrier: a bar.sync that WG0 does not pass
+      // too would put the two warpgroups' bar.sync counts out of step for racecheck (above).
       auto convert_half1 = [&](int tile) {
         if constexpr (kMode == Mode::kDecodeFp8) {
           const int b = tile & 1;
           ClusterBarrier::wait(&ss.staged[b], (tile >> 1) & 1);
           dequant_and_publish<1, kPaired>(cute::cast_smem_ptr_to_uint(b ? buf1 : buf0),
-                                          &ss.ready[b][1], t, kWg1Convert);
+                                          &ss.ready[b][1], t, [&] {
+                                            ClusterBarrier::arrive(&ss.wg1_staging_read);
+                                            ClusterBarrier::wait(&ss.wg1_staging_read, tile & 1);
+                                          });
         }
       };
       if (n_tiles > 0) convert_half1(0);
@@ -937,7 +963,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         named_sync(kSerialPReady, kMathThreads);
         float alpha[2];
         CUTE_UNROLL
-        for (int h = 0; h < 2; ++h) alpha[h] = ss.m_exchange[row_in_wg + 8 * h];
+        for (int h = 0; h < 2; ++h) alpha[h] = exchanged(kFromWg0, h);
         if (__any_sync(0xFFFFFFFFu, alpha[0] != 1.0f || alpha[1] != 1.0f)) {
           CUTE_UNROLL
           for (int e = 0; e < size(rO); ++e) rO(e) *= alpha[(e / 2) % 2];
@@ -949,17 +975,16 @@ __global__ void __launch_bounds__(kThreads, 1)
         warpgroup_wait<0>();
         warpgroup_fence_operand(rO);
         free_half(&ss.freed[b][0]);
-        if (tile + 1 < n_tiles) named_arrive(kSerialPFree, kMathThreads);
+        if (tile + 1 < n_tiles) named_sync(kSerialPFree, kMathThreads);
       }
     }
   } else {
-    // Alternating: the softmax of this warpgroup's tile (buffer b = wg) against the running max so
-    // far, the new max handed to the other warpgroup (`handoff`), then P V into own O columns.
-    auto own_tile_pv = [&](const float (&m_prev)[2], int b, uint32_t handoff) {
-      float alpha[2];
-      softmax_own(m_prev, b, alpha);
-      publish_max();
-      named_arrive(handoff, kMathThreads);
+    // Alternating: each warpgroup's softmax of its own tile (buffer b = wg), then P V into its own
+    // O columns. WG0 hands WG1 its running max after the even tile; WG1 hands WG0 the odd tile's
+    // own row max, as soon as S is masked (not the pair max, which would have to wait for WG0's):
+    // each handoff is then written before the writer's next bar.sync and read after the reader's,
+    // the order racecheck needs to see it (see the serial schedule).
+    auto own_pv = [&] {
       warpgroup_fence_operand(rO);
       warpgroup_fence_operand(rP);
       issue_pv(mma_own, rP, frag_v(thr_own, own_buf), rO);
@@ -971,20 +996,26 @@ __global__ void __launch_bounds__(kThreads, 1)
       for (int pair = 0; pair < n_pairs; ++pair) {
         const uint32_t phase = pair & 1;
         ClusterBarrier::wait(&ss.valid_ready[0], phase);
-        own_tile_pv({m_run[0], m_run[1]}, 0, kMaxEvenReady);
+        float tile_max[2], alpha[2];
+        mask_s(0, tile_max);
+        softmax_own({m_run[0], m_run[1]}, tile_max, alpha);
+        publish_rows(kFromWg0, m_run);
+        named_arrive(kMaxEvenReady, kMathThreads);
+        own_pv();
         warpgroup_wait<0>();
         warpgroup_fence_operand(rO);
         free_half(&ss.freed[0][0]);
 
-        // The odd tile's max is the pair's: rescale this tile's P for WG1 and this half of O.
+        // The pair's max (WG1 folds the same two maxima into its reference): rescale this tile's
+        // P for WG1 and this half of O to it.
         named_sync(kMaxOddReady, kMathThreads);
         float scale[2];
         CUTE_UNROLL
         for (int h = 0; h < 2; ++h) {
-          const float m_odd = ss.m_exchange[row_in_wg + 8 * h];
-          const float m_use = m_odd == kNegInf ? 0.0f : m_odd;
+          const float m_pair = fmaxf(m_run[h], exchanged(kFromWg1, h));
+          const float m_use = m_pair == kNegInf ? 0.0f : m_pair;
           scale[h] = exp2f((m_run[h] - m_use) * scale_log2);
-          m_run[h] = m_odd;
+          m_run[h] = m_pair;
           l_run[h] *= scale[h];
         }
         store_p(rS, scale[0], scale[1], smem_p_own, row_in_wg, lane);
@@ -1024,8 +1055,13 @@ __global__ void __launch_bounds__(kThreads, 1)
         issue_s<0, 16>(mma_s, frag_q(), frag_k(own_buf), rS, false);
         wait_s();
         ClusterBarrier::wait(&ss.valid_ready[1], phase);
+        float tile_max[2], alpha[2];
+        mask_s(1, tile_max);
+        publish_rows(kFromWg1, tile_max);
+        named_arrive(kMaxOddReady, kMathThreads);
         named_sync(kMaxEvenReady, kMathThreads);
-        own_tile_pv({ss.m_exchange[row_in_wg], ss.m_exchange[row_in_wg + 8]}, 1, kMaxOddReady);
+        softmax_own({exchanged(kFromWg0, 0), exchanged(kFromWg0, 1)}, tile_max, alpha);
+        own_pv();
         store_p(rS, 1.0f, 1.0f, smem_p_own, row_in_wg, lane);
         named_sync(kPEvenReady, kMathThreads);
         issue_pv(mma_peer, frag_p(peer_p), frag_v(thr_peer, peer_buf), rO);
@@ -1043,19 +1079,14 @@ __global__ void __launch_bounds__(kThreads, 1)
   // -- epilogue: row sums over both warpgroups, normalise, store --
   // Alternating: both warpgroups' row sums (one reference). Serial: WG0's row sum and max.
   CUTE_UNROLL
-  for (int h = 0; h < 2; ++h) {
-    l_run[h] = quad_sum(l_run[h]);
-    const int r = row_in_wg + 8 * h;
-    if (lane % 4 == 0) {
-      if constexpr (kSerial) {
-        if (wg == 0) {
-          ss.row_exchange[0][r] = l_run[h];
-          ss.row_exchange[1][r] = m_run[h];
-        }
-      } else {
-        ss.row_exchange[wg][r] = l_run[h];
-      }
+  for (int h = 0; h < 2; ++h) l_run[h] = quad_sum(l_run[h]);
+  if constexpr (kSerial) {
+    if (wg == 0) {
+      publish_rows(kFromWg1, l_run);
+      publish_rows(kEpilogue, m_run);
     }
+  } else {
+    publish_rows(wg == 0 ? kEpilogue : kFromWg1, l_run);
   }
   named_sync(kRowSums, kMathThreads);
   const int64_t rows_heads = p.rows * p.Hq;
@@ -1064,8 +1095,9 @@ __global__ void __launch_bounds__(kThreads, 1)
   for (int h = 0; h < 2; ++h) {
     const int r = row_in_wg + 8 * h;
     // Same order in both warpgroups.
-    const float l = kSerial ? ss.row_exchange[0][r] : ss.row_exchange[0][r] + ss.row_exchange[1][r];
-    const float m = kSerial ? ss.row_exchange[1][r] : m_run[h];
+    const float l = kSerial ? ss.row_exchange[kFromWg1][r]
+                            : ss.row_exchange[kEpilogue][r] + ss.row_exchange[kFromWg1][r];
+    const float m = kSerial ? ss.row_exchange[kEpilogue][r] : m_run[h];
     inv[h] = l > 0.0f ? 1.0f / l : 0.0f;
     const float lse = l > 0.0f ? m * p.sm_scale + logf(l) : kNegInf;
     const int64_t rh = qrow * p.Hq + head0 + r;
