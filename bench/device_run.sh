@@ -16,6 +16,7 @@
 #   SANITIZE=0|1               compute-sanitizer over the GPU tests (default 0)
 #   SANITIZE_TOOLS="..."       default "memcheck racecheck"
 #   SANITIZE_K="expr"          pytest -k expression naming the ops to sanitise (default: all)
+#   RACECHECK_PROBE=0|1        bench/racecheck_probe.sh: what racecheck takes as ordering (default 0)
 #   PROFILE="<bench.profile words>[;...]"  Nsight Compute over one benchmark case each, e.g.
 #                              "--family topk --op topk --shape rows=1" (--shape: one word)
 #   PROFILE_KERNEL=regex       the kernel ncu captures (default: the --op value)
@@ -167,6 +168,10 @@ if [ "$SANITIZE" = 1 ]; then
       compute-sanitizer --tool "$tool" --error-exitcode 1 --print-limit 20 \
       "$PY" -m pytest tests -m gpu -q -x -p no:cacheprovider ${k_args[@]+"${k_args[@]}"} || true
   done
+fi
+
+if [ "${RACECHECK_PROBE:-0}" = 1 ]; then
+  stage probe sanitize.log bash bench/racecheck_probe.sh || true
 fi
 
 if [ -n "${PROFILE:-}" ]; then

@@ -12,8 +12,13 @@ Checked for every interleaving: no deadlock; every read (at issue and until reti
 write it is meant to see (the right tile's rows, the right tile's P, the running max after the
 right tile, the right tile's valid mask); no write lands on a region a pending wgmma still reads;
 no warpgroup arrives twice in one named-barrier generation (with 256 counted threads that would
-release the barrier without the other warpgroup). It checks the protocol, not the CUDA code,
-which the GPU tests check; a change to the kernel's handoff order must be mirrored here."""
+release the barrier without the other warpgroup); and every value the math warpgroups hand each
+other through smem is ordered the way compute-sanitizer racecheck can see: it orders two threads'
+plain smem accesses across named barriers by how many bar.syncs each has passed, so the second
+access must come after more bar.syncs than the first (bench/racecheck_probe.cu; mbarrier
+handoffs, which involve the producer here, and wgmma operand reads are outside that rule). It
+checks the protocol, not the CUDA code, which the GPU tests check; a change to the kernel's
+handoff order must be mirrored here."""
 
 import random
 
@@ -28,6 +33,14 @@ class Hazard(AssertionError):
     pass
 
 
+class RacecheckBlind(Hazard):
+    """A correct handoff that racecheck would still report."""
+
+
+def is_math(role):
+    return role.endswith(("wg0", "wg1"))
+
+
 class Machine:
     def __init__(self, need=None):
         self.smem = {}                 # region -> tag of its last write
@@ -35,6 +48,9 @@ class Machine:
         self.mbar = {}                 # name -> arrivals so far
         self.need = need or {}         # name -> arrivals per phase (default 1)
         self.named = {}                # id -> (generation, set of roles arrived)
+        self.syncs = {}                # role -> bar.syncs passed
+        self.plain = {}                # region -> (last math write, math reads since), each
+                                       # access as (role, bar.syncs passed then)
 
     # -- smem --
     def write(self, role, region, tag):
@@ -43,23 +59,39 @@ class Machine:
                 if any(r == region for r, _ in batch):
                     raise Hazard(f"{role} writes {region}={tag} while {other}'s wgmma reads it")
         self.smem[region] = tag
+        if is_math(role):
+            last_write, reads = self.plain.get(region, (None, []))
+            self.racecheck_sees(role, region, [last_write] + reads)
+            self.plain[region] = ((role, self.syncs.get(role, 0)), [])
 
-    def read(self, role, region, want):
+    def read(self, role, region, want, plain=True):
         got = self.smem.get(region)
         if got != want:
             raise Hazard(f"{role} reads {region}: {got}, wants {want}")
+        if plain and is_math(role):
+            last_write, reads = self.plain.get(region, (None, []))
+            self.racecheck_sees(role, region, [last_write])
+            reads.append((role, self.syncs.get(role, 0)))
+            self.plain[region] = (last_write, reads)
+
+    def racecheck_sees(self, role, region, earlier):
+        now = self.syncs.get(role, 0)
+        for access in earlier:
+            if access is not None and access[0] != role and now <= access[1]:
+                raise RacecheckBlind(f"{role} (past {now} bar.syncs) accesses {region} after "
+                                     f"{access[0]} (past {access[1]}): racecheck reports it")
 
     # -- wgmma --
     def issue(self, role, reads):
         for region, want in reads:
-            self.read(role, region, want)
+            self.read(role, region, want, plain=False)
         self.pending.setdefault(role, []).append(list(reads))
 
     def retire(self, role, keep):
         batches = self.pending.get(role, [])
         while len(batches) > keep:
             for region, want in batches.pop(0):
-                self.read(role, region, want)  # nothing overwrote it while in flight
+                self.read(role, region, want, plain=False)  # nothing overwrote it in flight
 
     # -- mbarriers: `need` arrivals complete a phase (one per warpgroup, per CTA when the two
     #    CTAs of a cluster share it); wait(parity) passes once the phase of that parity has
@@ -335,7 +367,8 @@ def run(n_tiles, fill, rng):
             raise Hazard(f"deadlock at n_tiles={n_tiles}: {blocked}")
         role = rng.choice(ready)
         if role in blocked:
-            del blocked[role]  # its wait is satisfied
+            if blocked.pop(role)[0] == "bar_wait":  # its wait is satisfied
+                m.syncs[role] = m.syncs.get(role, 0) + 1
         try:
             act = next(roles[role])
         except StopIteration:
@@ -371,44 +404,84 @@ def test_handoffs_hold_under_random_interleavings(n_tiles, fill):
         run(n_tiles, fill, rng)
 
 
-def assert_mutant_caught(role, dropped, n_tiles, seed, fill="prefill-bf16"):
-    """Runs with `role` (a generator function of this module) minus the actions `dropped`
-    matches; the checker must raise."""
-    original = globals()[role]
+def assert_mutant_caught(mutants, n_tiles, seed, fill="prefill-bf16", error=Hazard):
+    """Runs with the actions of each role in `mutants` (role: a generator function of this module)
+    passed through its mutation; the checker must raise `error`."""
+    originals = {role: globals()[role] for role in mutants}
 
-    def mutant(*args):
-        return (act for act in original(*args) if not dropped(act))
+    def mutant(original, mutate):
+        return lambda *args: mutate(original(*args))
 
     rng = random.Random(seed)
-    globals()[role] = mutant
+    globals().update({role: mutant(originals[role], mutate) for role, mutate in mutants.items()})
     try:
-        with pytest.raises(Hazard):
+        with pytest.raises(error):
             for _ in range(300):
                 run(n_tiles, fill, rng)
     finally:
-        globals()[role] = original
+        globals().update(originals)
+
+
+def dropping(dropped):
+    return lambda acts: (act for act in acts if not dropped(act))
+
+
+def arriving_at(bid):
+    """bar.arrive instead of bar.sync at barrier `bid` (of CTA 0)."""
+    return lambda acts: (("bar_arrive", act[1]) if act == ("bar_sync", "0:" + bid) else act
+                         for act in acts)
 
 
 def test_the_checker_catches_a_missing_handoff():
     """WG1 reading the running max without waiting for WG0's bar.arrive must be caught."""
-    assert_mutant_caught("math_wg1", lambda act: act == ("bar_sync", "0:" + MAX_EVEN), 4, 7)
+    assert_mutant_caught({"math_wg1": dropping(lambda act: act == ("bar_sync", "0:" + MAX_EVEN))},
+                         4, 7)
 
 
 def test_the_checker_catches_an_early_refill():
     """A producer that refills buffer 0's second half without waiting for WG1's peer P V to free
     it overwrites P of the even tile (or V) while it is still read."""
-    assert_mutant_caught("producer", lambda act: act[:2] == ("mb_wait", "0:freed01"), 6, 11)
+    assert_mutant_caught({"producer": dropping(lambda act: act[:2] == ("mb_wait", "0:freed01"))},
+                         6, 11)
 
 
 def test_the_checker_catches_an_early_p_overwrite():
     """Serial: WG0 writing P of the next tile without waiting for WG1 to be done with this one."""
-    assert_mutant_caught("math_wg0_serial", lambda act: act == ("bar_sync", "0:" + P_FREE), 5, 17,
-                         "decode-bf16")
+    assert_mutant_caught({"math_wg0_serial": dropping(lambda act: act == ("bar_sync", "0:" + P_FREE))},
+                         5, 17, "decode-bf16")
 
 
 def test_the_checker_catches_a_paired_refill_before_the_peer_read(monkeypatch):
     """Paired: with a free barrier that counts only its own CTA's readers, the other CTA's
     producer writes its rows into this CTA's tile while this CTA's wgmma still reads them."""
     monkeypatch.setattr(__import__(__name__), "PAIRED_FREED_CTAS", 1)
-    assert_mutant_caught("free", lambda act: act[0] == "mb_arrive_peer", 6, 13,
+    assert_mutant_caught({"free": dropping(lambda act: act[0] == "mb_arrive_peer")}, 6, 13,
                          "decode-fp8-paired")
+
+
+@pytest.mark.parametrize("fill", ["decode-bf16", "decode-fp8"])
+def test_racecheck_rule_flags_one_sided_serial_handoffs(fill):
+    """The serial handoffs as they were until b9464c9, bar.arrive on the writer's side: correct
+    (no other check fails), but WG0 rewrote alpha past as many bar.syncs as WG1 had passed when
+    it read it, which racecheck reported."""
+    assert_mutant_caught({"math_wg0_serial": arriving_at(P_READY),
+                          "math_wg1_serial": arriving_at(P_FREE)}, 4, 5, fill,
+                         error=RacecheckBlind)
+
+
+def test_racecheck_rule_flags_the_pair_max_written_after_the_peer_barrier():
+    """The alternating schedule until b9464c9: WG1 published the pair max after its bar.sync on
+    kMaxEvenReady, which WG0 read past its first bar.sync of the pair, as many as WG1 had: correct,
+    and reported by racecheck."""
+    def late_publish(acts):
+        held = []
+        for act in acts:
+            if act[:2] == ("write", "0:m_from_wg1") or act == ("bar_arrive", "0:" + MAX_ODD):
+                held.append(act)
+                continue
+            yield act
+            if act[:2] == ("read", "0:m_from_wg0"):
+                yield from held
+                held.clear()
+
+    assert_mutant_caught({"math_wg1": late_publish}, 4, 3, error=RacecheckBlind)
