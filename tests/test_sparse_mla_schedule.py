@@ -238,6 +238,7 @@ def math_wg0(m, n_tiles, cta):
         yield ("read", at("m_from_wg1"), ("tile_max", odd))
         yield ("write", at("k0rope"), ("P", even))             # P of the even tile, RoPE block
         yield ("bar_arrive", at(P_EVEN))
+        yield from free(cta, 0, 1)  # the refill of that half also waits for the P store
         yield ("bar_sync", at(P_ODD))
         yield ("issue", [(at("p_odd"), ("P", odd))]
                + [(r, ("kv", odd)) for r in cta.latent(1, 0, cta.rows)])  # peer P V
@@ -345,6 +346,8 @@ def run(n_tiles, fill, rng):
     need = {"ready": 2 if paired else 1, "freed": readers * (PAIRED_FREED_CTAS if paired else 1)}
     m = Machine({cta.at(f"{kind}{b}{h}"): need[kind] for cta in ctas for kind in need
                  for b in (0, 1) for h in (0, 1)})
+    if not serial:  # buffer 0 half 1: WG1's peer P V and WG0's P store into its RoPE block
+        m.need[ctas[0].at("freed01")] = 2
     roles = {}
     for cta in ctas:
         roles[cta.at("producer")] = (producer_serial if serial else producer)(m, n_tiles, fp8, cta)

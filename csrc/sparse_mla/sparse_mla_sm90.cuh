@@ -756,7 +756,8 @@ __global__ void __launch_bounds__(kThreads, 1)
         ClusterBarrier::init(&ss.ready[b][h], kProducerThreads);
         // One arrival per thread of the tile's last reader (serial: both warpgroups; freed[b][1]
         // unused); paired, also lane 0 of each warp of the peer's reader(s) of its own copy.
-        const int readers = kSerial ? 2 : 1;
+        // Alternating, buffer 0 half 1 also waits for WG0's P store into its RoPE block.
+        const int readers = kSerial || (b == 0 && h == 1) ? 2 : 1;
         ClusterBarrier::init(&ss.freed[b][h], readers * (128 + (kPaired ? 4 : 0)));
       }
       ClusterBarrier::init(&ss.valid_ready[b], 2);  // lane 0 of the two warps resolving buffer b
@@ -1021,6 +1022,10 @@ __global__ void __launch_bounds__(kThreads, 1)
         store_p(rS, scale[0], scale[1], smem_p_own, row_in_wg, lane);
         cutlass::arch::fence_view_async_shared();
         named_arrive(kPEvenReady, kMathThreads);
+        // The refill of this half (after WG1's P V) overwrites the P just stored. WG1's arrival
+        // alone orders it, but through a named-barrier handoff racecheck does not chain with
+        // the producer's mbarrier wait; this arrival, always earlier, states it directly.
+        free_half(&ss.freed[0][1]);
         if (__any_sync(0xFFFFFFFFu, scale[0] != 1.0f || scale[1] != 1.0f)) {
           CUTE_UNROLL
           for (int e = 0; e < size(rO); ++e) rO(e) *= scale[(e / 2) % 2];
