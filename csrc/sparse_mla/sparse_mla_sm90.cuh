@@ -46,8 +46,9 @@
 //   (WG0 <-> WG1). compute-sanitizer racecheck orders two threads' smem accesses across named
 //   barriers only by how many bar.syncs each has passed (bar.arrive and mbarrier waits do not
 //   count; bench/racecheck_probe.cu), so the math warpgroups pass the same bar.syncs, every value
-//   handed over is written before the writer's next bar.sync and read after the reader's, and
-//   the one warpgroup-local sync (WG1's FP8 staging) is an mbarrier.
+//   handed over is written before the writer's next bar.sync and read after the reader's, the
+//   one warpgroup-local sync (WG1's FP8 staging) is an mbarrier, and smem a math warpgroup
+//   writes that the producer refills is released by that warpgroup's own mbarrier arrival.
 //   tests/test_sparse_mla_schedule.py replays both schedules on the CPU under random
 //   interleavings; a change to the handoff order must be mirrored there.
 // - Masked keys (-1, out of [0, N), positions past the block table or pages outside the cache,
@@ -1023,8 +1024,8 @@ __global__ void __launch_bounds__(kThreads, 1)
         cutlass::arch::fence_view_async_shared();
         named_arrive(kPEvenReady, kMathThreads);
         // The refill of this half (after WG1's P V) overwrites the P just stored. WG1's arrival
-        // alone orders it, but through a named-barrier handoff racecheck does not chain with
-        // the producer's mbarrier wait; this arrival, always earlier, states it directly.
+        // alone orders it (through kPEvenReady), but racecheck reported every refill against
+        // this store; this arrival, always before WG1's, orders it directly.
         free_half(&ss.freed[0][1]);
         if (__any_sync(0xFFFFFFFFu, scale[0] != 1.0f || scale[1] != 1.0f)) {
           CUTE_UNROLL
