@@ -177,6 +177,8 @@ __global__ void probe(Case c, const int4* zeros, int4* out) {
       if (reader) got = x[t];
       break;
     case Handoff::kArriveSync:
+    case Handoff::kArriveThenMbar: {
+      const bool then_mbar = c.handoff == Handoff::kArriveThenMbar;
       if (writer) {
         x[t] = mine;
         bar_arrive(6, 256);
@@ -184,8 +186,14 @@ __global__ void probe(Case c, const int4* zeros, int4* out) {
       if (reader) {
         bar_sync(6, 256);
         got = x[t];
+        if (then_mbar) mbar_arrive(&mbar[0]);
+      }
+      if (wg == 2 && then_mbar) {
+        mbar_wait(&mbar[0], 0);
+        cp_async_16(&x[t], zeros + t);
       }
       break;
+    }
     case Handoff::kMbarrier:
       if (writer) {
         x[t] = mine;
@@ -205,21 +213,6 @@ __global__ void probe(Case c, const int4* zeros, int4* out) {
       if (writer) x[t] = mine;
       bar_sync(9, 384);
       if (reader) got = x[t];
-      break;
-    case Handoff::kArriveThenMbar:
-      if (writer) {
-        x[t] = mine;
-        bar_arrive(6, 256);
-      }
-      if (reader) {
-        bar_sync(6, 256);
-        got = x[t];
-        mbar_arrive(&mbar[0]);
-      }
-      if (wg == 2) {
-        mbar_wait(&mbar[0], 0);
-        cp_async_16(&x[t], zeros + t);
-      }
       break;
   }
   if (reader) out[t] = got;
