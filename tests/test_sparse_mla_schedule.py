@@ -12,13 +12,13 @@ Checked for every interleaving: no deadlock; every read (at issue and until reti
 write it is meant to see (the right tile's rows, the right tile's P, the running max after the
 right tile, the right tile's valid mask); no write lands on a region a pending wgmma still reads;
 no warpgroup arrives twice in one named-barrier generation (with 256 counted threads that would
-release the barrier without the other warpgroup); and every value the math warpgroups hand each
-other through smem is ordered the way compute-sanitizer racecheck can see: it orders two threads'
-plain smem accesses across named barriers by how many bar.syncs each has passed, so the second
-access must come after more bar.syncs than the first (bench/racecheck_probe.cu; mbarrier
-handoffs, which involve the producer here, and wgmma operand reads are outside that rule). It
-checks the protocol, not the CUDA code, which the GPU tests check; a change to the kernel's
-handoff order must be mirrored here."""
+release the barrier without the other warpgroup); and the plain smem accesses are ordered the way
+compute-sanitizer racecheck can see (bench/racecheck_probe.cu): between the math warpgroups by
+how many bar.syncs each has passed (the second access must come after more than the first), and
+a producer refill of smem a math warpgroup wrote by an mbarrier arrival of that warpgroup after
+its write, which the producer waited for (wgmma operand reads are outside both rules). It checks
+the protocol, not the CUDA code, which the GPU tests check; a change to the kernel's handoff
+order must be mirrored here."""
 
 import random
 
@@ -27,6 +27,7 @@ import pytest
 MAX_EVEN, MAX_ODD, P_EVEN, P_ODD = "max_even", "max_odd", "p_even_ready", "p_odd_ready"
 P_READY, P_FREE = "p_ready", "p_free"  # the serial schedule's two handoffs
 PAIRED_FREED_CTAS = 2  # a paired CTA's tile half is free once both CTAs' readers are done
+FREED01_ARRIVALS = 2  # alternating: buffer 0 half 1, WG1's peer P V and WG0's P store into it
 
 
 class Hazard(AssertionError):
@@ -51,6 +52,10 @@ class Machine:
         self.syncs = {}                # role -> bar.syncs passed
         self.plain = {}                # region -> (last math write, math reads since), each
                                        # access as (role, bar.syncs passed then)
+        self.arrivals = {}             # mbarrier -> [(role, that role's arrival ordinal)]
+        self.released = {}             # role -> its mbarrier arrivals so far
+        self.acquired = {}             # role -> {role: latest arrival of it waited for}
+        self.math_write = {}           # region -> (math role, its arrivals before the write)
 
     # -- smem --
     def write(self, role, region, tag):
@@ -63,6 +68,12 @@ class Machine:
             last_write, reads = self.plain.get(region, (None, []))
             self.racecheck_sees(role, region, [last_write] + reads)
             self.plain[region] = ((role, self.syncs.get(role, 0)), [])
+            self.math_write[region] = (role, self.released.get(role, 0))
+        elif region in self.math_write:
+            writer, before = self.math_write.pop(region)
+            if self.acquired.get(role, {}).get(writer, 0) <= before:
+                raise RacecheckBlind(f"{role} refills {region} written by {writer}, which made no "
+                                     f"mbarrier arrival since that {role} waited for")
 
     def read(self, role, region, want, plain=True):
         got = self.smem.get(region)
@@ -99,8 +110,18 @@ class Machine:
     def mb_done(self, name, parity):
         return (self.mbar.get(name, 0) // self.need.get(name, 1)) % 2 != parity
 
-    def mb_arrive(self, name):
+    def mb_arrive(self, name, role):
         self.mbar[name] = self.mbar.get(name, 0) + 1
+        self.released[role] = self.released.get(role, 0) + 1
+        self.arrivals.setdefault(name, []).append((role, self.released[role]))
+
+    def mb_acquire(self, role, name):
+        """`role`'s wait on `name` passed: it has seen every arrival of the completed phases."""
+        arrivals = self.arrivals.get(name, [])
+        need = self.need.get(name, 1)
+        seen = self.acquired.setdefault(role, {})
+        for other, ordinal in arrivals[:len(arrivals) // need * need]:
+            seen[other] = max(seen.get(other, 0), ordinal)
 
     # -- named barriers over the two math warpgroups of one CTA --
     def bar_arrive(self, role, bid):
@@ -346,8 +367,8 @@ def run(n_tiles, fill, rng):
     need = {"ready": 2 if paired else 1, "freed": readers * (PAIRED_FREED_CTAS if paired else 1)}
     m = Machine({cta.at(f"{kind}{b}{h}"): need[kind] for cta in ctas for kind in need
                  for b in (0, 1) for h in (0, 1)})
-    if not serial:  # buffer 0 half 1: WG1's peer P V and WG0's P store into its RoPE block
-        m.need[ctas[0].at("freed01")] = 2
+    if not serial:
+        m.need[ctas[0].at("freed01")] = FREED01_ARRIVALS
     roles = {}
     for cta in ctas:
         roles[cta.at("producer")] = (producer_serial if serial else producer)(m, n_tiles, fp8, cta)
@@ -369,9 +390,12 @@ def run(n_tiles, fill, rng):
         if not ready:
             raise Hazard(f"deadlock at n_tiles={n_tiles}: {blocked}")
         role = rng.choice(ready)
-        if role in blocked:
-            if blocked.pop(role)[0] == "bar_wait":  # its wait is satisfied
+        if role in blocked:  # its wait is satisfied
+            waited = blocked.pop(role)
+            if waited[0] == "bar_wait":
                 m.syncs[role] = m.syncs.get(role, 0) + 1
+            else:
+                m.mb_acquire(role, waited[1])
         try:
             act = next(roles[role])
         except StopIteration:
@@ -382,7 +406,7 @@ def run(n_tiles, fill, rng):
         if kind == "mb_wait":
             blocked[role] = act
         elif kind in ("mb_arrive", "mb_arrive_peer", "mb_complete_tx"):
-            m.mb_arrive(act[1])
+            m.mb_arrive(act[1], role)
         elif kind == "bar_arrive":
             m.bar_arrive(role, act[1])
         elif kind == "bar_sync":
@@ -488,3 +512,12 @@ def test_racecheck_rule_flags_the_pair_max_written_after_the_peer_barrier():
                 held.clear()
 
     assert_mutant_caught({"math_wg1": late_publish}, 4, 3, error=RacecheckBlind)
+
+
+def test_racecheck_rule_flags_a_refill_released_only_through_the_peer(monkeypatch):
+    """Until 997cbce only WG1 arrived on buffer 0 half 1's free barrier: the refill waited for
+    the P store WG0 made in its RoPE block only through WG1 (kPEvenReady, then WG1's arrival).
+    Correct, but racecheck reported every refill against that store."""
+    monkeypatch.setattr(__import__(__name__), "FREED01_ARRIVALS", 1)
+    assert_mutant_caught({"math_wg0": dropping(lambda act: act == ("mb_arrive", "0:freed01"))},
+                         6, 9, error=RacecheckBlind)
