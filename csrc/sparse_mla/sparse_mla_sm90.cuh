@@ -178,7 +178,7 @@ enum ExchangeSlot : int { kFromWg0 = 0, kFromWg1 = 1, kEpilogue = 2 };
 // warpgroup arrives, the other waits (alternating), or both wait (serial, see the kernel).
 enum NamedBarrierId : uint32_t {
   kMaxEvenReady = 1,  // WG0 -> WG1: running max after the even tile
-  kMaxOddReady = 2,   // WG1 -> WG0: running max after the odd tile
+  kMaxOddReady = 2,   // WG1 -> WG0: the odd tile's own row max
   kPEvenReady = 3,    // WG0 -> WG1: P of the even tile in smem
   kPOddReady = 4,     // WG1 -> WG0: P of the odd tile in smem
   kProducerSync = 5,  // producer warpgroup: row ids written, FP8 staging landed / read
