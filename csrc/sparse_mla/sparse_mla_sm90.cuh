@@ -421,23 +421,43 @@ __device__ __forceinline__ uint32_t fp8_scale_offset(int first_row, int j) {
   return Fp8Staging<kHalf>::kScaleBlock * kBlockElems * 2 + first_row * 128 + j * 16;
 }
 
-template <int kHalf, bool kPaired>
-__device__ __forceinline__ void stage_fp8_half(uint32_t dst_tile, const uint8_t* kv,
+// Both halves of a tile's rows, each its own cp.async group (half 0 first: the producer
+// dequantises it as soon as it lands). The rows' sources are resolved once for both halves: the
+// same rows and scales, 256 bytes apart (resolved per half, the row ids were reloaded from smem
+// after the group fence and the address arithmetic done twice, a third of the staging's
+// instructions).
+template <bool kPaired>
+__device__ __forceinline__ void stage_fp8_tile(uint32_t dst_tile, const uint8_t* kv,
                                                const int64_t* rows, int first_row,
                                                const void* fallback, int pt) {
+  constexpr int kPer = Fp8Rows<kPaired>::kPerThread;
   const int c = pt % 16;
-  cute::for_each(cute::make_int_sequence<Fp8Rows<kPaired>::kPerThread>{}, [&](auto i) {
+  const uint8_t* src[kPer];
+  bool valid[kPer];
+#pragma unroll
+  for (int i = 0; i < kPer; ++i) {
     const int64_t row = rows[first_row + pt / 16 + 8 * i];
-    cp_async_16_or_zero(dst_tile + fp8_raw_offset<kHalf, kPaired, i>(first_row, pt / 16, c),
-                        kv + (row >= 0 ? row : 0) * kMlaFp8RowBytes + 256 * kHalf + 16 * c,
-                        fallback, row >= 0);
-  });
-  if (pt < Fp8Rows<kPaired>::kCount) {
-    const int64_t row = rows[first_row + pt];
-    cp_async_16_or_zero(dst_tile + fp8_scale_offset<kHalf>(first_row, pt),
-                        kv + (row >= 0 ? row : 0) * kMlaFp8RowBytes + kFp8ScalesOffset, fallback,
-                        row >= 0);
+    valid[i] = row >= 0;
+    src[i] = kv + (valid[i] ? row : 0) * kMlaFp8RowBytes + 16 * c;
   }
+  const bool has_scale = pt < Fp8Rows<kPaired>::kCount;
+  const int64_t scale_row = has_scale ? rows[first_row + pt] : -1;
+  const uint8_t* scale_src = kv + (scale_row >= 0 ? scale_row : 0) * kMlaFp8RowBytes +
+                             kFp8ScalesOffset;
+  auto stage_half = [&](auto half) {
+    constexpr int kHalf = decltype(half)::value;
+    cute::for_each(cute::make_int_sequence<kPer>{}, [&](auto i) {
+      cp_async_16_or_zero(dst_tile + fp8_raw_offset<kHalf, kPaired, i>(first_row, pt / 16, c),
+                          src[i] + 256 * kHalf, fallback, valid[i]);
+    });
+    if (has_scale) {
+      cp_async_16_or_zero(dst_tile + fp8_scale_offset<kHalf>(first_row, pt), scale_src, fallback,
+                          scale_row >= 0);
+    }
+  };
+  stage_half(cute::Int<0>{});
+  cute::cp_async_fence();
+  stage_half(cute::Int<1>{});
 }
 
 __device__ __forceinline__ uint4 ld_shared_v4(uint32_t addr) {
@@ -620,9 +640,7 @@ __device__ __forceinline__ void producer(const Problem& p, SharedStorage& ss, in
       publish_valid(b, valid_bits);
       const uint32_t dst = smem_kv0 + b * kTileBytes;
       const int64_t* rows = ss.rows[pair & 1][b];
-      stage_fp8_half<0, kPaired>(dst, p.kv, rows, first_row, fallback, pt_fp8);
-      cute::cp_async_fence();
-      stage_fp8_half<1, kPaired>(dst, p.kv, rows, first_row, fallback, pt_fp8);
+      stage_fp8_tile<kPaired>(dst, p.kv, rows, first_row, fallback, pt_fp8);
       copy_fp8_rope(dst, p.kv, rows, fallback, pt_fp8);
       cute::cp_async_fence();
       cutlass::arch::cpasync_barrier_arrive_noinc(&ss.staged[b]);
