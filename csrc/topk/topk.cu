@@ -301,18 +301,21 @@ int64_t plan_cluster(const TopkParams& p, int device, int sms) {
   // largest cluster of which the device holds all R at once. On the H200 (2026-12-04, k = 2048,
   // rows of 131072): 64 rows 63.6 -> 40.7 us (Q = 4 over two CTAs per SM before, now Q = 2),
   // 8 rows 37.2 -> 22.3 us (Q = 16 placed in two waves before, now Q = 8); one row keeps Q = 16.
-  if (2 * p.R <= sms) {
+  // The largest power of two <= limit whose grid fits `ctas` and keeps >= kChunkMin columns per
+  // CTA, while `placeable(Q)` holds.
+  auto largest_q = [&](int64_t limit, int64_t ctas, auto placeable) {
     int64_t q = 1;
-    while (q * 2 <= kMaxCluster && p.R * q * 2 <= sms && p.C >= q * 2 * kChunkMin &&
-           active_clusters<1>(device, q * 2) >= p.R) {
+    while (q * 2 <= limit && p.R * q * 2 <= ctas && p.C >= q * 2 * kChunkMin && placeable(q * 2)) {
       q *= 2;
     }
+    return q;
+  };
+  if (2 * p.R <= sms) {
+    const int64_t q = largest_q(kMaxCluster, sms,
+                                [&](int64_t n) { return active_clusters<1>(device, n) >= p.R; });
     if (q > 1) return q;
   }
-  const int64_t slots = int64_t(kCtasPerSm) * sms;
-  int64_t q = 1;
-  while (q * 2 <= max_q && p.R * q * 2 <= slots && p.C >= q * 2 * kChunkMin) q *= 2;
-  return q;
+  return largest_q(max_q, int64_t(kCtasPerSm) * sms, [](int64_t) { return true; });
 }
 
 constexpr int64_t kMaxBlocks = (int64_t(1) << 31) - 1;  // gridDim.x
