@@ -17,9 +17,10 @@
 // - INDEXCACHE_TOPK_SPLIT=<G> forces Q to the largest power of two <= min(G, max cluster size)
 //   (1 = one CTA per row): a testing and tuning override; unset, plan_cluster() decides.
 // - Flow of one CTA: stream (topk_radix.cuh) -> cluster barrier -> digit-0 search over the
-//   cluster's summed histogram -> per refinement digit: narrow the lists and histogram the next
-//   digit, barrier, search -> count each warp's items above / at the threshold, barrier, prefix
-//   over (rank, warp) -> emit. Every branch between barriers depends on cluster-wide values only.
+//   cluster's summed histogram (the stream's own starting search when no warp had a second
+//   batch, in the one-CTA-per-SM build) -> per refinement digit: narrow the lists and
+//   histogram the next digit, barrier, search -> count each warp's items above / at the
+//   threshold, barrier, prefix over (rank, warp) -> emit. Every branch between barriers depends on cluster-wide values only.
 // - Measured on H100 (issue 5, CUDA-graph replay, k = 2048, unsorted unless said): 4096 x 128K
 //   1304 us = 1.65 TB/s with the sampled starting bound (1582 us = 1.36 TB/s with proven bounds
 //   only); one 128K row 22.9 us (the sample is the whole row there: unchanged). Nsight Compute at
@@ -91,11 +92,9 @@ __global__ void __launch_bounds__(kThreads, kMinCtas) topk_kernel(const TopkPara
   sl.lo = std::min(cta_lo + warp * per_warp, cta_hi);
   sl.hi = std::min(sl.lo + per_warp, cta_hi);
 
-  reset_stream_state(s);
-
   // A window of <= k items is taken whole, read straight from the slices.
   Threshold th{n_valid <= int64_t(k), 0, 0};
-  WarpList L{0, 0, th.all, 0};
+  WarpList L{0, 0, th.all, 0};  // the stream sets up its own
   uint32_t k_rem = 0;
   if (!th.all) {
     // The stream's first batches (every warp's, over the cluster) sample the window; unless they
@@ -105,17 +104,13 @@ __global__ void __launch_bounds__(kThreads, kMinCtas) topk_kernel(const TopkPara
         sample >= n_valid ? k
                           : uint32_t(std::min<int64_t>(
                                 k, (int64_t(k) * sample * 5 / 4 + n_valid - 1) / n_valid));
+    if (threadIdx.x == 0) s.one_batch = per_warp <= kBatchSlots;  // read after the stream
     Found f;
     for (int attempt = 0;; ++attempt) {
       stream_slice(s, cv, sl, L, k, attempt == 0 ? k_sample : k);
-      __syncthreads();
-      sum_groups(s, 0, 11);
-      cv.sync();
       // A proven pass always answers; only an estimate above the k-th key is retried.
-      if (find_in_cluster(s, cv, 0, 11, k, true, f) || attempt > 0) break;
+      if (digit0_search<kMinCtas == 1>(s, cv, k, f) || attempt > 0) break;
       cv.sync();  // every CTA is done reading this one's histogram
-      reset_stream_state(s);
-      L = WarpList{0, 0, false, 0};
     }
     th.shift = kShift0;
     th.prefix = f.bin;
@@ -161,18 +156,24 @@ __global__ void __launch_bounds__(kThreads, kMinCtas) topk_kernel(const TopkPara
   gt_count = __reduce_add_sync(kFullMask, gt_count);
   eq_count = __reduce_add_sync(kFullMask, eq_count);
   if (lane == 0) {
-    s.warp_gt[warp] = gt_count;
-    s.warp_eq[warp] = eq_count;
+    s.warp_counts[warp] = static_cast<unsigned long long>(eq_count) << 32 | gt_count;
   }
   cv.sync();
-  uint32_t gt_run = 0, eq_run = 0;
+  // The counts of the warps before this one, all DSMEM loads in flight at once: a loop of
+  // dependent rounds kept the last rank of a 16-CTA cluster ~1 us behind the first.
+  constexpr int kRounds = kMaxCluster * kWarps / kWarpSize;
   const int me = cv.q * kWarps + warp;
-  for (int i = lane; i < me; i += kWarpSize) {
-    gt_run += cv.at(&s.warp_gt[0], i / kWarps)[i % kWarps];
-    eq_run += cv.at(&s.warp_eq[0], i / kWarps)[i % kWarps];
+  unsigned long long before[kRounds];
+#pragma unroll
+  for (int j = 0; j < kRounds; ++j) {
+    const int i = j * kWarpSize + lane;
+    before[j] = i < me ? *cv.at(&s.warp_counts[i % kWarps], i / kWarps) : 0ull;
   }
-  gt_run = __reduce_add_sync(kFullMask, gt_run);
-  eq_run = __reduce_add_sync(kFullMask, eq_run);
+  unsigned long long before_sum = 0;
+#pragma unroll
+  for (int j = 0; j < kRounds; ++j) before_sum += before[j];
+  uint32_t gt_run = __reduce_add_sync(kFullMask, uint32_t(before_sum));
+  uint32_t eq_run = __reduce_add_sync(kFullMask, uint32_t(before_sum >> 32));
 
   // Emit: position = items above before it + min(items at before it, k_rem).
   int32_t* out = p.out + r * p.out_row_stride;

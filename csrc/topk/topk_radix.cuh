@@ -19,6 +19,8 @@
 //   item and climb slowly, appending ~3x the candidates over a 128K row (measured 1582 -> 1304
 //   us at 4096 x 128K, bench/NOTES.md). An estimate above the k-th key is detected after the
 //   stream (the digit-0 search lands below it) and the row is streamed again with proven bounds.
+//   When the first batches are the whole window (no warp has a second), that starting search
+//   ran over final counts and is the digit-0 search itself (the caller skips a second one).
 // - The running bound is a lower bound of the row's k-th key: a bin b such that the digit-0
 //   histogram of the candidates counted so far has >= k items in bins >= b. Counts only grow, so
 //   a racy read of the histogram (other warps add to it concurrently) still gives a valid bound;
@@ -89,9 +91,10 @@ struct Smem {
   unsigned long long free_pages;                 // bit p set: page p is free
   uint32_t bound;                                // streaming: digit-0 bound (see stream_slice)
   uint32_t estimate;                             // the sampled bound this pass filtered with, or 0
-  uint32_t warp_gt[kWarps];                      // emission: items above / at the threshold
-  uint32_t warp_eq[kWarps];
-  uint32_t found[4];                             // warp 0's bin search, for the whole CTA
+  uint32_t one_batch;                            // no warp of the cluster has a second batch
+  unsigned long long warp_counts[kWarps];        // emission: items at << 32 | items above
+  uint32_t found[4];                             // the stream's starting search (publish_found)
+  uint32_t gather[2][kWarps][2 * kWarpSize];     // cluster_find: per-warp partial sums
   uint8_t ptab[kWarps][kPages];                  // page table of each warp's list
 };
 
@@ -396,37 +399,57 @@ struct Found {
   uint32_t count;    // items in `bin`
 };
 
-// Whole warp: searches a histogram of 2^bits bins (bits = 10 or 11) from the top, through
-// group(g) (the 32 coarse counts) and bin(b). Returns false when the total is < k_rem. With racy
-// counts the fine level may fall short of the coarse one; the group's lowest bin is then
-// returned (still a valid lower bound: its group's counted items reach k_rem).
-template <class Group, class Bin>
-__device__ bool warp_find(Group&& group, Bin&& bin, int bits, uint32_t k_rem, Found& f) {
-  const int lane = lane_id();
-  const uint32_t width = 1u << (bits - 5);  // bins per group: 32 or 64
-  const uint32_t c = group(kGroups - 1 - lane);
+// A histogram of 2^bits bins (bits = 10 or 11) is searched from the top in two levels: 32 coarse
+// groups of width = 2^(bits - 5) bins, lane l holding group kGroups - 1 - l, then the fine bins
+// of the group found, lane l holding bins fine_top(l) and fine_top(l) - 1 (the second only when
+// width is 64).
+struct GroupHit {
+  uint32_t g;      // the group holding the k_rem-th largest counted item
+  uint32_t above;  // counted items in higher groups
+  uint32_t count;  // items in group g
+};
+
+__device__ __forceinline__ uint32_t fine_top(uint32_t g, int bits, int lane) {
+  const uint32_t width = 1u << (bits - 5);
+  return g * width + width - 1 - uint32_t(lane) * (width / kWarpSize);
+}
+
+// Whole warp, coarse level: c is this lane's group count. False when the total is < k_rem.
+__device__ __forceinline__ bool find_group(uint32_t c, uint32_t k_rem, GroupHit& h) {
   const uint32_t above_incl = warp_inclusive_sum(c);
   const unsigned hit = __ballot_sync(kFullMask, above_incl >= k_rem);
   if (hit == 0) return false;
   const int gl = __ffs(hit) - 1;
-  const uint32_t g = kGroups - 1 - gl;
-  const uint32_t above = __shfl_sync(kFullMask, above_incl - c, gl);
-  // Fine level: lane l holds bins top, top - 1 (width / 32 of them) of group g.
-  const uint32_t per = width / kWarpSize;
-  const uint32_t top = g * width + width - 1 - lane * per;
-  const uint32_t v0 = bin(top);
-  const uint32_t v1 = per > 1 ? bin(top - 1) : 0u;
+  h = GroupHit{kGroups - 1 - uint32_t(gl), __shfl_sync(kFullMask, above_incl - c, gl),
+               __shfl_sync(kFullMask, c, gl)};
+  return true;
+}
+
+// Whole warp, fine level in group h.g: v0, v1 are this lane's bins fine_top(lane) and the one
+// below (v1 = 0 when width is 32). With racy counts the fine level may fall short of the coarse
+// one; the group's lowest bin is then returned (still a valid lower bound: its group's counted
+// items reach k_rem).
+__device__ __forceinline__ Found find_bin(const GroupHit& h, uint32_t v0, uint32_t v1, int bits,
+                                          uint32_t k_rem) {
   const uint32_t incl = warp_inclusive_sum(v0 + v1);
-  const unsigned hit2 = __ballot_sync(kFullMask, above + incl >= k_rem);
-  if (hit2 == 0) {
-    f = Found{g * width, above, c};
-    return true;
-  }
-  const int fl = __ffs(hit2) - 1;
-  const uint32_t before = above + __shfl_sync(kFullMask, incl - v0 - v1, fl);
+  const unsigned hit = __ballot_sync(kFullMask, h.above + incl >= k_rem);
+  if (hit == 0) return Found{h.g << (bits - 5), h.above, h.count};
+  const int fl = __ffs(hit) - 1;
+  const uint32_t before = h.above + __shfl_sync(kFullMask, incl - v0 - v1, fl);
   const uint32_t w0 = __shfl_sync(kFullMask, v0, fl), w1 = __shfl_sync(kFullMask, v1, fl);
-  const uint32_t t = g * width + width - 1 - uint32_t(fl) * per;
-  f = before + w0 >= k_rem ? Found{t, before, w0} : Found{t - 1, before + w0, w1};
+  const uint32_t t = fine_top(h.g, bits, fl);
+  return before + w0 >= k_rem ? Found{t, before, w0} : Found{t - 1, before + w0, w1};
+}
+
+// Whole warp: the search through group(g) (the 32 coarse counts) and bin(b). False when the
+// total is < k_rem.
+template <class Group, class Bin>
+__device__ bool warp_find(Group&& group, Bin&& bin, int bits, uint32_t k_rem, Found& f) {
+  const int lane = lane_id();
+  GroupHit h;
+  if (!find_group(group(kGroups - 1 - lane), k_rem, h)) return false;
+  const uint32_t top = fine_top(h.g, bits, lane);
+  f = find_bin(h, bin(top), bits == 11 ? bin(top - 1) : 0u, bits, k_rem);
   return true;
 }
 
@@ -470,60 +493,101 @@ __device__ uint32_t racy_bound(const Smem& s, uint32_t k, uint32_t bound) {
   return ok ? max(f.bin, bound) : bound;
 }
 
-// Sum over the cluster of one shared counter, all CTAs' loads in flight at once.
-template <bool kRacy>
-__device__ __forceinline__ uint32_t cluster_sum(const ClusterView& cv, uint32_t* p) {
-  uint32_t v[kMaxCluster];
-#pragma unroll
-  for (int r = 0; r < kMaxCluster; ++r) {
-    v[r] = 0;
-    if (r < cv.Q) {
-      const uint32_t* at = cv.at(p, r);
-      v[r] = kRacy ? *static_cast<const volatile uint32_t*>(at) : *at;
-    }
+// Whole CTA, after sum_groups and a cluster barrier: the search over the sum across the cluster
+// of histogram `buf`; every warp of every CTA computes the same answer (two barriers inside).
+// kRacyBins: other CTAs may still be adding to the fine counts (never below the groups': the bin
+// found is still a valid bound). False when the total is < k_rem.
+// NOTES: across a cluster, the DSMEM loads of each level are spread over the warps (warp w reads
+// ranks w, w + 8) and their partial sums met in shared memory: one warp's DSMEM loads stream at
+// ~13 cycles per 128 B (H200), and one warp reading 16 CTAs' groups and bins took ~1.9 us per
+// search, all warps sharing it ~0.5 us. A lone CTA has every warp search its own shared memory,
+// without barriers.
+template <bool kRacyBins>
+__device__ bool cluster_find(Smem& s, const ClusterView& cv, int buf, int bits, uint32_t k_rem,
+                             Found& f) {
+  if (cv.Q == 1) {
+    const volatile uint32_t* racy = s.hist[buf];
+    return warp_find([&](uint32_t g) { return s.groups[buf][g]; },
+                     [&](uint32_t b) { return kRacyBins ? racy[b] : s.hist[buf][b]; }, bits,
+                     k_rem, f);
   }
-  uint32_t sum = 0;
+  constexpr int kRanksPerWarp = kMaxCluster / kWarps;
+  const int lane = lane_id(), warp = warp_id();
+  uint32_t part[kRanksPerWarp];
 #pragma unroll
-  for (int r = 0; r < kMaxCluster; ++r) sum += v[r];
-  return sum;
-}
-
-// Warp 0, once every CTA of the cluster has counted its first batch and summed its groups: the
-// bound those counts give, or 0. The other CTAs go on counting meanwhile, so the fine counts are
-// racy (never below the groups': still a valid bound).
-__device__ uint32_t cluster_bound(Smem& s, const ClusterView& cv, uint32_t k) {
-  Found f;
-  const bool ok = warp_find([&](uint32_t g) { return cluster_sum<false>(cv, &s.groups[0][g]); },
-                            [&](uint32_t b) { return cluster_sum<true>(cv, &s.hist[0][b]); },
-                            11, k, f);
-  return ok ? f.bin : 0u;
-}
-
-// Whole CTA, after sum_groups and a cluster barrier: warp 0 searches the sum over the cluster of
-// histogram `buf`; every CTA computes the same answer. Returns false when the counts cannot
-// answer: a total below k_rem, or (with check_estimate, for digit 0) a bin below some CTA's
-// sampled estimate, whose lower bins were not counted (see stream_slice). Never false when no CTA
-// used an estimate.
-__device__ bool find_in_cluster(Smem& s, const ClusterView& cv, int buf, int bits, uint32_t k_rem,
-                                bool check_estimate, Found& out) {
-  if (warp_id() == 0) {
-    Found f{0, 0, 0};
-    const bool ok = warp_find(
-        [&](uint32_t g) { return cluster_sum<false>(cv, &s.groups[buf][g]); },
-        [&](uint32_t b) { return cluster_sum<false>(cv, &s.hist[buf][b]); }, bits, k_rem, f);
-    uint32_t floor = 0;
-    if (check_estimate && lane_id() < cv.Q) floor = *cv.at(&s.estimate, lane_id());
-    floor = __reduce_max_sync(kFullMask, floor);
-    if (lane_id() == 0) {
-      s.found[0] = f.bin;
-      s.found[1] = f.greater;
-      s.found[2] = f.count;
-      s.found[3] = ok && f.bin >= floor;
-    }
+  for (int j = 0; j < kRanksPerWarp; ++j) {
+    const int r = warp + j * kWarps;
+    part[j] = r < cv.Q ? *cv.at(&s.groups[buf][kGroups - 1 - lane], r) : 0u;
   }
+  uint32_t c = 0;
+#pragma unroll
+  for (int j = 0; j < kRanksPerWarp; ++j) c += part[j];
+  s.gather[0][warp][lane] = c;
   __syncthreads();
-  out = Found{s.found[0], s.found[1], s.found[2]};
+  c = 0;
+#pragma unroll
+  for (int w = 0; w < kWarps; ++w) c += s.gather[0][w][lane];
+  GroupHit h;
+  if (!find_group(c, k_rem, h)) return false;  // the same answer in every warp
+  const uint32_t top = fine_top(h.g, bits, lane);
+  uint32_t v[kRanksPerWarp][2];
+#pragma unroll
+  for (int j = 0; j < kRanksPerWarp; ++j) {
+    const int r = warp + j * kWarps;
+    v[j][0] = v[j][1] = 0;
+    if (r < cv.Q) {
+      const uint32_t* hist = cv.at(&s.hist[buf][0], r);
+      if (kRacyBins) {
+        v[j][0] = static_cast<const volatile uint32_t*>(hist)[top];
+        if (bits == 11) v[j][1] = static_cast<const volatile uint32_t*>(hist)[top - 1];
+      } else {
+        v[j][0] = hist[top];
+        if (bits == 11) v[j][1] = hist[top - 1];
+      }
+    }
+  }
+  uint32_t v0 = 0, v1 = 0;
+#pragma unroll
+  for (int j = 0; j < kRanksPerWarp; ++j) {
+    v0 += v[j][0];
+    v1 += v[j][1];
+  }
+  s.gather[1][warp][lane] = v0;
+  s.gather[1][warp][kWarpSize + lane] = v1;
+  __syncthreads();
+  v0 = v1 = 0;
+#pragma unroll
+  for (int w = 0; w < kWarps; ++w) {
+    v0 += s.gather[1][w][lane];
+    v1 += s.gather[1][w][kWarpSize + lane];
+  }
+  f = find_bin(h, v0, v1, bits, k_rem);
+  return true;
+}
+
+// One thread: leaves a search's answer in shared memory for the whole CTA (barrier after).
+__device__ __forceinline__ void publish_found(Smem& s, const Found& f, bool ok) {
+  s.found[0] = f.bin;
+  s.found[1] = f.greater;
+  s.found[2] = f.count;
+  s.found[3] = ok;
+}
+
+__device__ __forceinline__ bool published_found(const Smem& s, Found& f) {
+  f = Found{s.found[0], s.found[1], s.found[2]};
   return s.found[3] != 0;
+}
+
+// Whole CTA, after sum_groups and a cluster barrier: cluster_find over final counts. Returns false
+// when the counts cannot answer: a total below k_rem, or (with check_estimate, for digit 0) a bin
+// below some CTA's sampled estimate, whose lower bins were not counted (see stream_slice). Never
+// false when no CTA used an estimate.
+__device__ bool find_in_cluster(Smem& s, const ClusterView& cv, int buf, int bits, uint32_t k_rem,
+                                bool check_estimate, Found& f) {
+  uint32_t floor = 0;
+  if (check_estimate && lane_id() < cv.Q) floor = *cv.at(&s.estimate, lane_id());
+  floor = __reduce_max_sync(kFullMask, floor);
+  return cluster_find<false>(s, cv, buf, bits, k_rem, f) && f.bin >= floor;
 }
 
 // ---- the stream pass -------------------------------------------------------------------------
@@ -628,7 +692,8 @@ constexpr uint32_t kRaiseEvery = 256;
 
 // Pass 1 of one warp over its slice: counts the digit 0 of every item at or above the running
 // bound, and appends those items to the warp's list (see the NOTES at the top). Whole CTA (the
-// first batches are counted before a cluster barrier).
+// first batches are counted before a cluster barrier). Leaves the starting search in s.found
+// (see publish_found) for the caller.
 //
 // The starting bound comes from those first batches (the sample): the bin above which the
 // cluster's sample holds k_sample items. With k_sample = k it is a proven bound of the k-th key;
@@ -637,6 +702,22 @@ constexpr uint32_t kRaiseEvery = 256;
 // so the caller's digit-0 search must land at or above every CTA's estimate, or start over with
 // k_sample = k (find_in_cluster reports which). An estimate near the final bin saves most of the
 // appends and compactions a proven bound needs while it climbs from the sample's k-th item.
+// Whole CTA (returns after a barrier): empty histograms, no bound, and a page pool in which warp w
+// holds page w (its first append takes no atomic: ~1 us of the one-row path on the H200 went to
+// eight warps' lane 0 contending for the free-page word) and the rest are free.
+__device__ void reset_stream_state(Smem& s) {
+  for (int i = threadIdx.x; i < 2 * kBins; i += kThreads) (&s.hist[0][0])[i] = 0;
+  if (threadIdx.x < kWarps) s.ptab[threadIdx.x][0] = uint8_t(threadIdx.x);
+  if (threadIdx.x == 0) {
+    s.free_pages = ~0ull << kWarps;
+    s.bound = 0;
+    s.estimate = 0;
+  }
+  __syncthreads();
+}
+
+// Starts a stream with reset_stream_state; when it replaces a pass whose estimate overshot the
+// k-th key, only after every CTA of the cluster is done reading this one's histograms.
 __device__ void stream_slice(Smem& s, const ClusterView& cv, const Slice& sl, WarpList& L,
                              uint32_t k, uint32_t k_sample) {
   const int lane = lane_id();
@@ -654,6 +735,8 @@ __device__ void stream_slice(Smem& s, const ClusterView& cv, const Slice& sl, Wa
   if (lane == 0) {
     for (int a = 2; a <= kL2Ahead && a < batches; ++a) sl.prefetch_l2(sl.lo + a * kBatchSlots);
   }
+  reset_stream_state(s);  // under the loads' latency
+  L = WarpList{0, 1, false, 0};
 #pragma unroll
   for (int u = 0; u < kUnroll; ++u) {
     const float x[4] = {cur[u].x, cur[u].y, cur[u].z, cur[u].w};
@@ -665,11 +748,16 @@ __device__ void stream_slice(Smem& s, const ClusterView& cv, const Slice& sl, Wa
   __syncthreads();
   sum_groups(s, 0, 11);
   cv.sync();
-  if (warp_id() == 0) {
-    const uint32_t b = cluster_bound(s, cv, k_sample);
-    if (lane == 0) {
+  {
+    // The counts are racy while other CTAs count later batches; when no warp has one, they are
+    // final and `f` is the digit-0 search itself (see digit0_search).
+    Found f{0, 0, 0};
+    const bool ok = cluster_find<true>(s, cv, 0, 11, k_sample, f);
+    if (threadIdx.x == 0) {
+      const uint32_t b = ok ? f.bin : 0u;
       atomicMax(&s.bound, b);
       s.estimate = k_sample < k ? b : 0u;
+      publish_found(s, f, ok);
     }
   }
   __syncthreads();
@@ -740,17 +828,23 @@ __device__ void stream_slice(Smem& s, const ClusterView& cv, const Slice& sl, Wa
   }
 }
 
-// Whole CTA (returns after a barrier): empty histograms, a free page pool, no bound. Before the
-// stream, and again before a proven pass that replaces one whose estimate overshot the k-th key
-// (then only after every CTA of the cluster is done reading this one's histograms).
-__device__ void reset_stream_state(Smem& s) {
-  for (int i = threadIdx.x; i < 2 * kBins; i += kThreads) (&s.hist[0][0])[i] = 0;
-  if (threadIdx.x == 0) {
-    s.free_pages = ~0ull;
-    s.bound = 0;
-    s.estimate = 0;
-  }
+
+// Whole CTA, after stream_slice: the digit-0 search over the cluster (see find_in_cluster). When
+// no warp had a second batch (s.one_batch), the stream counted every item before its starting
+// search (k_sample = k), which is then this search over final counts: repeating it after the
+// stream costs a cluster barrier and ~2 us of DSMEM reads (one 128K row, H200).
+// NOTES (H200, 2026-12-04): only the one-CTA-per-SM build (kReuse) takes that shortcut: in the
+// 128-register build, any form of the second path tried (a register flag, this shared one, a
+// second exit from the caller's loop) spilled into the stream loop, 7-8 % slower at 4096 x 128K.
+// A second copy of the stream specialised for one batch cost the one-row path more in
+// instruction fetch than it saved.
+template <bool kReuse>
+__device__ bool digit0_search(Smem& s, const ClusterView& cv, uint32_t k, Found& f) {
+  if (kReuse && s.one_batch) return published_found(s, f);
   __syncthreads();
+  sum_groups(s, 0, 11);
+  cv.sync();
+  return find_in_cluster(s, cv, 0, 11, k, true, f);
 }
 
 // ---- refinement and emission -----------------------------------------------------------------
