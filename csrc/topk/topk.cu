@@ -20,7 +20,8 @@
 //   cluster's summed histogram (the stream's own starting search when no warp had a second
 //   batch, in the one-CTA-per-SM build) -> per refinement digit: narrow the lists and
 //   histogram the next digit, barrier, search -> count each warp's items above / at the
-//   threshold, barrier, prefix over (rank, warp) -> emit. Every branch between barriers depends on cluster-wide values only.
+//   threshold, barrier, prefix over (rank, warp) -> emit. Every branch between barriers
+//   depends on cluster-wide values only.
 // - Measured on H100 (issue 5, CUDA-graph replay, k = 2048, unsorted unless said): 4096 x 128K
 //   1304 us = 1.65 TB/s with the sampled starting bound (1582 us = 1.36 TB/s with proven bounds
 //   only); one 128K row 22.9 us (the sample is the whole row there: unchanged). Nsight Compute at
