@@ -494,7 +494,8 @@ __device__ uint32_t racy_bound(const Smem& s, uint32_t k, uint32_t bound) {
 }
 
 // Whole CTA, after sum_groups and a cluster barrier: the search over the sum across the cluster
-// of histogram `buf`; every warp of every CTA computes the same answer (two barriers inside).
+// of histogram `buf`; every warp of every CTA computes the same answer (across a cluster, two
+// barriers inside).
 // kRacyBins: other CTAs may still be adding to the fine counts (never below the groups': the bin
 // found is still a valid bound). False when the total is < k_rem.
 // NOTES: across a cluster, the DSMEM loads of each level are spread over the warps (warp w reads
@@ -691,18 +692,6 @@ __device__ __forceinline__ void store_batch(Smem& s, const WarpList& L, const Sl
 // 1 % slower).
 constexpr uint32_t kRaiseEvery = 512;
 
-// Pass 1 of one warp over its slice: counts the digit 0 of every item at or above the running
-// bound, and appends those items to the warp's list (see the NOTES at the top). Whole CTA (the
-// first batches are counted before a cluster barrier). Leaves the starting search in s.found
-// (see publish_found) for the caller.
-//
-// The starting bound comes from those first batches (the sample): the bin above which the
-// cluster's sample holds k_sample items. With k_sample = k it is a proven bound of the k-th key;
-// with k_sample < k (the sample is a fraction of the window, k_sample its share of k with a
-// margin) it is an estimate, recorded in s.estimate: items below it are neither counted nor kept,
-// so the caller's digit-0 search must land at or above every CTA's estimate, or start over with
-// k_sample = k (find_in_cluster reports which). An estimate near the final bin saves most of the
-// appends and compactions a proven bound needs while it climbs from the sample's k-th item.
 // Whole CTA (returns after a barrier): empty histograms, no bound, and a page pool in which warp w
 // holds page w (its first append takes no atomic: ~1 us of the one-row path on the H200 went to
 // eight warps' lane 0 contending for the free-page word) and the rest are free.
@@ -717,7 +706,19 @@ __device__ void reset_stream_state(Smem& s) {
   __syncthreads();
 }
 
-// Starts a stream with reset_stream_state; when it replaces a pass whose estimate overshot the
+// Pass 1 of one warp over its slice: counts the digit 0 of every item at or above the running
+// bound, and appends those items to the warp's list (see the NOTES at the top). Whole CTA (the
+// first batches are counted before a cluster barrier). Leaves the starting search in s.found
+// (see publish_found) for the caller.
+//
+// The starting bound comes from those first batches (the sample): the bin above which the
+// cluster's sample holds k_sample items. With k_sample = k it is a proven bound of the k-th key;
+// with k_sample < k (the sample is a fraction of the window, k_sample its share of k with a
+// margin) it is an estimate, recorded in s.estimate: items below it are neither counted nor kept,
+// so the caller's digit-0 search must land at or above every CTA's estimate, or start over with
+// k_sample = k (find_in_cluster reports which). An estimate near the final bin saves most of the
+// appends and compactions a proven bound needs while it climbs from the sample's k-th item.
+// The stream starts with reset_stream_state; when it replaces a pass whose estimate overshot the
 // k-th key, only after every CTA of the cluster is done reading this one's histograms.
 __device__ void stream_slice(Smem& s, const ClusterView& cv, const Slice& sl, WarpList& L,
                              uint32_t k, uint32_t k_sample) {
@@ -830,7 +831,6 @@ __device__ void stream_slice(Smem& s, const ClusterView& cv, const Slice& sl, Wa
     for (int u = 0; u < kUnroll; ++u) cur[u] = nxt[u];
   }
 }
-
 
 // Whole CTA, after stream_slice: the digit-0 search over the cluster (see find_in_cluster). When
 // no warp had a second batch (s.one_batch), the stream counted every item before its starting
