@@ -466,6 +466,27 @@ def test_skewed_rows(shape, split):
         run_cuda(x.cuda(), k, sorted_=sorted_, split=split)
 
 
+@pytest.mark.parametrize("split", [1, 8, 16])
+def test_one_batch_boundary_windows(split):
+    """Windows at the edge of one 1024-item batch per warp (8192 items per CTA of the cluster), at
+    every residue mod 4 of the start and of the row's address: on one side every warp's first
+    batch is its whole slice and the stream's starting search is reused as the digit-0 search;
+    one item longer, or the same length starting mid-slot, and some warp has a second batch, so
+    the search runs again after the stream. Four rows per call keep R x Q within one CTA per SM
+    (the build that takes the reuse)."""
+    n = split * 8 * 1024
+    C = n + 17  # odd row length: consecutive rows start at every address residue mod 16 bytes
+    g = rng("one_batch", split)
+    x = randn(g, 4, C)
+    for start in range(4):
+        s = torch.full((4,), start, dtype=torch.int32)
+        e = torch.tensor([start + n - 1, start + n, start + n + 1, start + n + 4],
+                         dtype=torch.int32)
+        for k in (1, 2048):
+            for sorted_ in (False, True):
+                run_cuda(x, k, s, e, sorted_, split=split)
+
+
 @pytest.mark.parametrize("split", [None, 1, 2, 4])
 @pytest.mark.parametrize("R", [2, 300])
 def test_sample_overestimates_the_bound(R, split):
