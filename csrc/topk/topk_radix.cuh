@@ -46,9 +46,10 @@
 //   atomics. Which pages a list uses and when the bound rises depend on timing, but not the set,
 //   its order (ascending column, or (value desc, column asc) when sorted), or the -1 padding.
 // - Histogram searches read a 32-group coarse histogram first, so one warp finds a bin with two
-//   scans, also across a cluster through distributed shared memory (all CTAs' loads in flight at
-//   once). The groups are summed from the fine counts when needed, never kept by atomics: keys
-//   crowd a few groups (normal logits: two), where same-address atomics serialise.
+//   scans; across a cluster every warp reads a share of the CTAs' counts through distributed
+//   shared memory and the shares meet in shared memory (cluster_find). The groups are summed from
+//   the fine counts when needed, never kept by atomics: keys crowd a few groups (normal logits:
+//   two), where same-address atomics serialise.
 // - Loads never leave the window: a slot is read as one float4 only when it lies wholly inside
 //   [begin, end); the partial slots at both ends are read item by item.
 #pragma once
