@@ -255,10 +255,11 @@ def test_prefill_split_k(Hq, S):
     check(*ops.sparse_mla_prefill(q, kv, idx, SM_SCALE), *prefill_reference(q, kv, idx, SM_SCALE))
 
 
-def test_prefill_masked_rows():
+@pytest.mark.parametrize("Hq", [64, 128])  # 128: the paired TMA fill (masked rows: zero boxes)
+def test_prefill_masked_rows(Hq):
     """All -1, all out of range, a single valid key at the tail, and one row mixing everything."""
-    gen = cuda_gen(5)
-    S, N, Hq, k = 6, 500, 64, 130
+    gen = cuda_gen(5 + Hq)
+    S, N, k = 6, 500, 130
     q, kv, idx = prefill_inputs(gen, S, N, Hq, k)
     idx[0] = -1
     idx[1] = pick(gen, BAD_INDEX + [N, N + 1], k).int()
@@ -272,6 +273,18 @@ def test_prefill_masked_rows():
     # one key: softmax weight 1 on its row
     torch.testing.assert_close(out[2].double(), kv[17, 0, :LATENT].double().expand(Hq, -1),
                                rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("Hq", [64, 128])
+def test_prefill_empty_kv(Hq):
+    """N = 0: every index is masked (the paired launch has no tensor map to build)."""
+    gen = cuda_gen(8)
+    q = randn(gen, 5, Hq, DIM)
+    kv = torch.empty(0, 1, DIM, dtype=torch.bfloat16, device=DEV)
+    idx = torch.full((5, 256), -1, dtype=torch.int32, device=DEV)
+    out, lse = poisoned_outputs((5, Hq))
+    ops.sparse_mla_prefill(q, kv, idx, SM_SCALE, out=out, lse=lse)
+    assert torch.all(out == 0) and torch.all(lse == NEG_INF)
 
 
 def test_prefill_duplicates_count_twice():
@@ -393,14 +406,15 @@ def _capture(fn):
 
 
 @needs_caching_allocator
+@pytest.mark.parametrize("Hq", [64, 128])  # 128: the tensor map is a captured kernel parameter
 @pytest.mark.parametrize("S", [2, 200])  # split-k (workspace inside the graph) and not
-def test_prefill_cuda_graph(S):
-    gen = cuda_gen(70 + S)
-    q, kv, idx = prefill_inputs(gen, S, 3000, 64, 700)
-    out, lse = poisoned_outputs((S, 64))
+def test_prefill_cuda_graph(S, Hq):
+    gen = cuda_gen(70 + S + Hq)
+    q, kv, idx = prefill_inputs(gen, S, 3000, Hq, 700)
+    out, lse = poisoned_outputs((S, Hq))
     graph = _capture(lambda: ops.sparse_mla_prefill(q, kv, idx, SM_SCALE, out=out, lse=lse))
     for step in range(2):
-        idx.copy_(prefill_inputs(gen, S, 3000, 64, 700)[2])  # in place: the graph reads it
+        idx.copy_(prefill_inputs(gen, S, 3000, Hq, 700)[2])  # in place: the graph reads it
         out.fill_(float("nan"))
         lse.fill_(float("nan"))
         graph.replay()

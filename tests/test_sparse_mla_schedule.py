@@ -4,7 +4,8 @@ take alternate tiles, the producer refills tile halves in the order they are fre
 schedule of decode (WG0: S, softmax and its P V; WG1: the other P V from P in smem; whole tiles
 refilled), the latter with bf16 rows, FP8 rows (staged, then dequantised) and the paired FP8
 fill of Hq = 128, where the two CTAs of a cluster each convert half of every tile's rows into
-both CTAs' tiles. Modelled: the kernel's mbarriers (parity waits; the arrivals each phase
+both CTAs' tiles; and the paired prefill of Hq = 128, where each CTA's TMA multicasts half of
+every tile half's rows (RoPE dims included) into both CTAs' tiles. Modelled: the kernel's mbarriers (parity waits; the arrivals each phase
 needs), named barriers (bar.arrive / bar.sync generations) and wgmma batches (smem read from
 issue until the wait that retires them).
 
@@ -140,14 +141,16 @@ class Machine:
 
 
 class Cta:
-    """Names in CTA `c` of a launch. Paired (FP8, Hq = 128): two CTAs, each converting one half of
-    every tile's rows ("rows 0" / "rows 1") into both CTAs' tiles; the RoPE block (and, unpaired,
-    everything) is one region of all rows."""
+    """Names in CTA `c` of a launch. Paired (Hq = 128): two CTAs, each filling one half of every
+    tile's rows ("rows 0" / "rows 1") into both CTAs' tiles. The RoPE block is one region of all
+    rows (each FP8 CTA copies all of it), or split by rows like the rest when the paired fill
+    covers it too (prefill's TMA); unpaired, everything is one region of all rows."""
 
-    def __init__(self, c, paired):
+    def __init__(self, c, paired, split_rope=False):
         self.c, self.paired = c, paired
         self.peer = 1 - c
         self.rows = (0, 1) if paired else ("all",)
+        self.split_rope = split_rope
 
     def at(self, name, cta=None):
         return f"{self.c if cta is None else cta}:{name}"
@@ -156,14 +159,23 @@ class Cta:
         """Regions of buffer b, half h holding V columns (dims 0-255 / 256-511) of `rows`."""
         return [self.at(f"k{b}{('h0', 'h1v')[h]}/{r}", cta) for r in rows]
 
+    def rope(self, b, rows=None, cta=None):
+        """Regions of buffer b's RoPE block (`rows`: which, when it is split)."""
+        if not self.split_rope:
+            return [self.at(f"k{b}rope", cta)]
+        return [self.at(f"k{b}rope/{r}", cta) for r in (self.rows if rows is None else rows)]
+
     def half(self, b, h):
         """Every region a wgmma of this CTA reads from buffer b, half h."""
-        return self.latent(b, h, self.rows) + ([self.at(f"k{b}rope")] if h == 1 else [])
+        return self.latent(b, h, self.rows) + (self.rope(b) if h == 1 else [])
 
 
 def producer(m, n_tiles, fp8, cta):
-    """The alternating schedule's fills (prefill, bf16 rows): halves in the order they are freed."""
+    """The alternating schedule's fills (prefill, bf16 rows): halves in the order they are freed;
+    paired, this CTA's rows of each half into both CTAs' tiles (TMA multicast, its bytes counted
+    by the peer's ready barrier too)."""
     assert not fp8, "FP8 rows only come with the decode (serial) schedule"
+    own = (cta.c,) if cta.paired else cta.rows
     order = [(0, 0), (1, 1), (0, 1), (1, 0)]  # (buffer, half) in the order they are freed
     for pair in range((n_tiles + 1) // 2):
         free_parity = (pair & 1) ^ 1
@@ -172,9 +184,13 @@ def producer(m, n_tiles, fp8, cta):
             if h == b:  # the valid words go with the first half of the buffer its reader frees
                 yield ("write", cta.at(f"valid{b}"), ("valid", 2 * pair + b))
                 yield ("mb_arrive", cta.at(f"valid_ready{b}"))
-            for r in cta.half(b, h):
-                yield ("write", r, ("kv", 2 * pair + b))
+            for dst in (cta.c, cta.peer) if cta.paired else (None,):
+                rope = cta.rope(b, own, dst) if h == 1 else []
+                for r in cta.latent(b, h, own, dst) + rope:
+                    yield ("write", r, ("kv", 2 * pair + b))
             yield ("mb_arrive", cta.at(f"ready{b}{h}"))
+            if cta.paired:
+                yield ("mb_complete_tx", cta.at(f"ready{b}{h}", cta.peer))
 
 
 def producer_serial(m, n_tiles, fp8, cta):
@@ -260,7 +276,8 @@ def math_wg0(m, n_tiles, cta):
         yield from free(cta, 0, 0)
         yield ("bar_sync", at(MAX_ODD))
         yield ("read", at("m_from_wg1"), ("tile_max", odd))
-        yield ("write", at("k0rope"), ("P", even))             # P of the even tile, RoPE block
+        for r in cta.rope(0):
+            yield ("write", r, ("P", even))                     # P of the even tile, RoPE block
         yield ("bar_arrive", at(P_EVEN))
         yield from free(cta, 0, 1)  # the refill of that half also waits for the P store
         yield ("bar_sync", at(P_ODD))
@@ -297,7 +314,7 @@ def math_wg1(m, n_tiles, cta):
         yield ("issue", [(r, ("kv", odd)) for r in cta.latent(1, 1, cta.rows)])  # own P V
         yield ("write", at("p_odd"), ("P", odd))
         yield ("bar_sync", at(P_EVEN))
-        yield ("issue", [(at("k0rope"), ("P", even))]
+        yield ("issue", [(r, ("P", even)) for r in cta.rope(0)]
                + [(r, ("kv", even)) for r in cta.latent(0, 1, cta.rows)])  # peer P V
         yield ("bar_arrive", at(P_ODD))
         yield ("retire", 1)
@@ -352,6 +369,7 @@ def math_wg1_serial(m, n_tiles, cta, fp8):
 
 FILLS = {  # fill -> (schedule, FP8 rows, paired CTAs), as the kernel instantiates them
     "prefill-bf16": ("alternating", False, False),
+    "prefill-bf16-paired": ("alternating", False, True),
     "decode-bf16": ("serial", False, False),
     "decode-fp8": ("serial", True, False),
     "decode-fp8-paired": ("serial", True, True),
@@ -361,17 +379,18 @@ FILLS = {  # fill -> (schedule, FP8 rows, paired CTAs), as the kernel instantiat
 def run(n_tiles, fill, rng, racecheck_rules=True):
     schedule, fp8, paired = FILLS[fill]
     serial = schedule == "serial"
-    ctas = [Cta(c, paired) for c in ((0, 1) if paired else (0,))]
+    ctas = [Cta(c, paired, split_rope=paired and not serial) for c in ((0, 1) if paired else (0,))]
     # A tile half is free once its last reader(s) are done (serial: both warpgroups, freed{b}0
     # for the whole buffer); paired, in both CTAs (128 local threads + 4 remote warps per
-    # reader), and ready once both producers delivered their rows (128 local arrivals, one of
-    # them expecting the peer's st.async bytes).
+    # reader), and ready once both producers delivered their rows (the local arrival(s), one of
+    # them expecting the peer's st.async or multicast bytes).
     readers = 2 if serial else 1
     need = {"ready": 2 if paired else 1, "freed": readers * (PAIRED_FREED_CTAS if paired else 1)}
     m = Machine({cta.at(f"{kind}{b}{h}"): need[kind] for cta in ctas for kind in need
                  for b in (0, 1) for h in (0, 1)}, racecheck_rules)
     if not serial:
-        m.need[ctas[0].at("freed01")] = FREED01_ARRIVALS
+        for cta in ctas:
+            m.need[cta.at("freed01")] = FREED01_ARRIVALS * (PAIRED_FREED_CTAS if paired else 1)
     roles = {}
     for cta in ctas:
         roles[cta.at("producer")] = (producer_serial if serial else producer)(m, n_tiles, fp8, cta)
@@ -482,12 +501,12 @@ def test_the_checker_catches_an_early_p_overwrite():
     assert_mutant_caught({"math_wg0_serial": arriving_at(P_FREE)}, 5, 17, "decode-bf16")
 
 
-def test_the_checker_catches_a_paired_refill_before_the_peer_read(monkeypatch):
+@pytest.mark.parametrize("fill", ["decode-fp8-paired", "prefill-bf16-paired"])
+def test_the_checker_catches_a_paired_refill_before_the_peer_read(monkeypatch, fill):
     """Paired: with a free barrier that counts only its own CTA's readers, the other CTA's
     producer writes its rows into this CTA's tile while this CTA's wgmma still reads them."""
     monkeypatch.setattr(__import__(__name__), "PAIRED_FREED_CTAS", 1)
-    assert_mutant_caught({"free": dropping(lambda act: act[0] == "mb_arrive_peer")}, 6, 13,
-                         "decode-fp8-paired")
+    assert_mutant_caught({"free": dropping(lambda act: act[0] == "mb_arrive_peer")}, 6, 13, fill)
 
 
 @pytest.mark.parametrize("fill", ["decode-bf16", "decode-fp8"])

@@ -48,6 +48,7 @@
 
 #include "indexcache/device.h"
 #include "indexcache/params.h"
+#include "indexcache/tensor_map.h"
 
 namespace indexcache {
 namespace indexer_sm90 {
@@ -458,42 +459,6 @@ __device__ __forceinline__ TileRange balanced_range(int64_t num_items, TilesOf t
 
 // ---------------------------------------------------------------------------------------------
 // Host helpers
-
-using EncodeTiledFn = decltype(&cuTensorMapEncodeTiled);
-
-// The driver's tensor-map encoder, fetched through the runtime so the extension needs no libcuda
-// link; nullptr if the driver does not provide it.
-inline EncodeTiledFn encode_tiled_fn() {
-  static const EncodeTiledFn fn = [] {
-    void* ptr = nullptr;
-    cudaDriverEntryPointQueryResult status{};
-    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &ptr, 12000, cudaEnableDefault,
-                                         &status) != cudaSuccess ||
-        status != cudaDriverEntryPointSuccess) {
-      return EncodeTiledFn{nullptr};
-    }
-    return reinterpret_cast<EncodeTiledFn>(ptr);
-  }();
-  return fn;
-}
-
-// Tiled uint8 tensor map with the swizzle matching a D-byte row (D = 128: 128B, D = 64: 64B).
-// dims[0] is the D bytes of a row; strides are the byte strides of dims 1..rank-1.
-inline cudaError_t encode_rows_map(CUtensorMap* map, const void* base, int rank,
-                                   const uint64_t* dims, const uint64_t* strides,
-                                   const uint32_t* box, int head_dim) {
-  const EncodeTiledFn fn = encode_tiled_fn();
-  if (fn == nullptr) return cudaErrorNotSupported;
-  const cuuint32_t element_strides[3] = {1, 1, 1};
-  const CUresult r = fn(map, CU_TENSOR_MAP_DATA_TYPE_UINT8, static_cast<cuuint32_t>(rank),
-                        const_cast<void*>(base), reinterpret_cast<const cuuint64_t*>(dims),
-                        reinterpret_cast<const cuuint64_t*>(strides),
-                        reinterpret_cast<const cuuint32_t*>(box), element_strides,
-                        CU_TENSOR_MAP_INTERLEAVE_NONE,
-                        head_dim == 128 ? CU_TENSOR_MAP_SWIZZLE_128B : CU_TENSOR_MAP_SWIZZLE_64B,
-                        CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
-  return r == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue;
-}
 
 // The compiled (heads, head dim) configurations, params.h's kIndexerHeads x kIndexerHeadDims:
 // calls launch(std::integral_constant<int, H>, std::integral_constant<int, D>).

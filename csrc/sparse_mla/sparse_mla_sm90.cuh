@@ -60,6 +60,7 @@
 //   call is CUDA-graph capturable and bitwise reproducible.
 #pragma once
 
+#include <cuda.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_fp8.h>
@@ -80,6 +81,7 @@
 
 #include "indexcache/device.h"
 #include "indexcache/params.h"
+#include "indexcache/tensor_map.h"
 
 namespace indexcache {
 namespace sparse_mla_sm90 {
@@ -252,8 +254,18 @@ enum class Mode { kPrefill, kDecodeBf16, kDecodeFp8 };
 // the kernel.
 constexpr bool serial_schedule(Mode mode) { return mode != Mode::kPrefill; }
 
+#ifndef INDEXCACHE_SPARSE_TMA_UNPAIRED
+#define INDEXCACHE_SPARSE_TMA_UNPAIRED 0
+#endif
+// Prefill fills its tiles by TMA when the two head groups share them (multicast); see
+// tma_bf16_half.
+constexpr bool tma_fill(Mode mode, bool paired) {
+  return mode == Mode::kPrefill && (paired || INDEXCACHE_SPARSE_TMA_UNPAIRED);
+}
+
 // Everything a CTA needs, for both ops. Query row `r` is prefill's s or decode's b * next_n + j.
 struct Problem {
+  CUtensorMap kv_rows;        // prefill, TMA fill: p.kv as [N rows][1152 B], 128-byte boxes
   const uint16_t* q;          // [rows, Hq, 576]
   const uint8_t* kv;          // prefill [N, 576] bf16; decode [num_pages * 64, row_bytes]
   const int32_t* indices;     // [rows, topk]
@@ -378,6 +390,53 @@ __device__ __forceinline__ void copy_bf16_half(uint32_t dst_tile, const uint8_t*
       cp_async_16_or_zero(dst_tile + 2 * tile_chunk_offset(r, 8 * b + c), src + b * 128, fallback,
                           row >= 0);
     }
+  }
+}
+
+// bf16 rows by TMA (prefill): one 128-byte box per (row, column block), 9 per row (a 128B-swizzled
+// box is at most 128 bytes wide, and a row's blocks are 8 KB apart in the tile). The TMA swizzles
+// by the destination address, so a box written at row r's 128-byte line of an atom lands as the
+// wgmma layout wants it (chunk c at c ^ r % 8); masked rows are boxes at row -1, out of bounds,
+// which the TMA fills with zeros. Paired (the two head groups of an Hq = 128 query, one cluster),
+// each CTA fetches 32 of the 64 rows and multicasts them into both CTAs' tiles, completing bytes
+// on the mbarrier at the same offset in each: every KV row crosses from L2 once per query instead
+// of once per head group. The CTA's thread 0 expects the whole half's bytes on its own barrier.
+template <bool kMulticast>
+__device__ __forceinline__ void tma_load_row_block(uint32_t dst, const CUtensorMap* map,
+                                                   int col_byte, int row, uint32_t bar) {
+  if constexpr (kMulticast) {
+    asm volatile(
+        "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes"
+        ".multicast::cluster [%0], [%1, {%2, %3}], [%4], %5;\n" ::"r"(dst),
+        "l"(reinterpret_cast<uint64_t>(map)), "r"(col_byte), "r"(row), "r"(bar), "h"(uint16_t(3))
+        : "memory");
+  } else {
+    asm volatile(
+        "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes"
+        " [%0], [%1, {%2, %3}], [%4];\n" ::"r"(dst),
+        "l"(reinterpret_cast<uint64_t>(map)), "r"(col_byte), "r"(row), "r"(bar)
+        : "memory");
+  }
+}
+
+// Half kHalf of a tile by TMA: this CTA's rows (paired: rows 32 rank .. 32 rank + 31), the boxes
+// spread evenly over the producer's four warps.
+template <int kHalf, bool kPaired>
+__device__ __forceinline__ void tma_bf16_half(uint32_t dst_tile, const CUtensorMap* map,
+                                              const int64_t* rows, uint64_t* ready, int pt) {
+  using Half = TileHalf<kHalf>;
+  constexpr int kRows = kPaired ? kBlockKeys / 2 : kBlockKeys;
+  constexpr int kPerWarp = kRows * Half::kCount / (kProducerThreads / 32);
+  constexpr uint32_t kHalfBytes = kBlockKeys * Half::kCount * 128;  // both CTAs' rows
+  if (pt == 0) cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(ready, kHalfBytes);
+  const int first_row = kPaired ? int(cute::block_rank_in_cluster()) * kRows : 0;
+  const uint32_t bar = cute::cast_smem_ptr_to_uint(ready);
+#pragma unroll
+  for (int j = pt % 32; j < kPerWarp; j += 32) {
+    const int g = (pt / 32) * kPerWarp + j;
+    const int r = first_row + g / Half::kCount, blk = Half::kFirst + g % Half::kCount;
+    tma_load_row_block<kPaired>(dst_tile + blk * kBlockElems * 2 + r * 128, map, blk * 128,
+                                int(rows[r]), bar);
   }
 }
 
@@ -660,9 +719,14 @@ __device__ __forceinline__ void producer(const Problem& p, SharedStorage& ss, in
       const uint32_t free_phase = (pair & 1) ^ 1;
       const uint32_t valid_bits = resolve_pair(pair);
       auto copy_half = [&](auto b, auto h) {
-        copy_bf16_half<h>(smem_kv0 + b * kTileBytes, p.kv, kRowBytes, ss.rows[slot][b], fallback,
-                          pt);
-        cutlass::arch::cpasync_barrier_arrive_noinc(&ss.ready[b][h]);
+        if constexpr (tma_fill(kMode, kPaired)) {
+          tma_bf16_half<h, kPaired>(smem_kv0 + b * kTileBytes, &p.kv_rows, ss.rows[slot][b],
+                                    &ss.ready[b][h], pt);
+        } else {
+          copy_bf16_half<h>(smem_kv0 + b * kTileBytes, p.kv, kRowBytes, ss.rows[slot][b],
+                            fallback, pt);
+          cutlass::arch::cpasync_barrier_arrive_noinc(&ss.ready[b][h]);
+        }
       };
       using cute::Int;
       if constexpr (kSerial) {
@@ -737,11 +801,12 @@ __device__ __forceinline__ void store_p(const TP& rP, float scale0, float scale1
 // ---- the kernel ----------------------------------------------------------------------------
 
 // kPaired: the two head groups of a query are one cluster of two CTAs that share the KV fill
-// (FP8 only: each converts half of every tile's rows for both).
+// (prefill: each fetches half of every tile's rows for both by TMA multicast; FP8 decode: each
+// converts half of every tile's rows for both).
 template <Mode kMode, bool kPaired>
 __global__ void __launch_bounds__(kThreads, 1)
     sparse_mla_fwd_kernel(const __grid_constant__ Problem p) {
-  static_assert(!kPaired || kMode == Mode::kDecodeFp8, "only the FP8 fill is shared");
+  static_assert(!kPaired || kMode != Mode::kDecodeBf16, "the paged bf16 fill is not shared");
   constexpr bool kSerial = serial_schedule(kMode);
   using namespace cute;
   constexpr float kNegInf = -__builtin_huge_valf();
@@ -772,7 +837,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     ClusterBarrier::init(&ss.q_ready, kProducerThreads);
     for (int b = 0; b < 2; ++b) {
       for (int h = 0; h < 2; ++h) {
-        ClusterBarrier::init(&ss.ready[b][h], kProducerThreads);
+        // TMA: thread 0's arrival with the half's bytes; cp.async: every producer thread's.
+        ClusterBarrier::init(&ss.ready[b][h], tma_fill(kMode, kPaired) ? 1 : kProducerThreads);
         // One arrival per thread of the tile's last reader (serial: both warpgroups; freed[b][1]
         // unused); paired, also lane 0 of each warp of the peer's reader(s) of its own copy.
         // Alternating, buffer 0 half 1 also waits for WG0's P store into its RoPE block.
@@ -1236,10 +1302,23 @@ cudaError_t launch(Problem prob, void* workspace, int64_t workspace_bytes_given,
   }
   const int64_t blocks = prob.rows * prob.head_groups * plan.splits;
   if (blocks > INT32_MAX) return cudaErrorInvalidConfiguration;
-  // Hq = 128 with the FP8 cache: the two head groups share the dequantisation (a cluster of two).
-  cudaError_t err = kMode == Mode::kDecodeFp8 && prob.head_groups == 2
-                        ? launch_forward<kMode, kMode == Mode::kDecodeFp8>(prob, blocks, stream)
-                        : launch_forward<kMode, false>(prob, blocks, stream);
+  // Hq = 128: the two head groups share the fill (a cluster of two): prefill the gather, FP8
+  // decode the dequantisation. An empty KV (N = 0: every key masked) has no tensor map.
+  cudaError_t err;
+  if constexpr (kMode == Mode::kDecodeBf16) {
+    err = launch_forward<kMode, false>(prob, blocks, stream);
+  } else {
+    const bool paired = prob.head_groups == 2 && (kMode != Mode::kPrefill || prob.N > 0);
+    if (kMode == Mode::kPrefill && (paired || INDEXCACHE_SPARSE_TMA_UNPAIRED)) {
+      const uint64_t dims[2] = {kMlaDimQK * 2, uint64_t(prob.N)};
+      const uint64_t strides[1] = {kMlaDimQK * 2};
+      const uint32_t box[2] = {128, 1};
+      err = encode_rows_map(&prob.kv_rows, prob.kv, 2, dims, strides, box, 128);
+      if (err != cudaSuccess) return err;
+    }
+    err = paired ? launch_forward<kMode, true>(prob, blocks, stream)
+                 : launch_forward<kMode, false>(prob, blocks, stream);
+  }
   if (err == cudaSuccess) err = cudaGetLastError();
   if (err != cudaSuccess || plan.splits == 1) return err;
   return launch_combine(prob, stream);
