@@ -5,7 +5,8 @@ schedule of decode (WG0: S, softmax and its P V; WG1: the other P V from P in sm
 refilled), the latter with bf16 rows, FP8 rows (staged, then dequantised) and the paired FP8
 fill of Hq = 128, where the two CTAs of a cluster each convert half of every tile's rows into
 both CTAs' tiles; and the paired prefill of Hq = 128, where each CTA's TMA multicasts half of
-every tile half's rows (RoPE dims included) into both CTAs' tiles. Modelled: the kernel's mbarriers (parity waits; the arrivals each phase
+the rows (RoPE dims included) of the two tile halves freed early in a pair into both CTAs' tiles
+and fills the other two alone. Modelled: the kernel's mbarriers (parity waits; the arrivals each phase
 needs), named barriers (bar.arrive / bar.sync generations) and wgmma batches (smem read from
 issue until the wait that retires them).
 
@@ -141,16 +142,20 @@ class Machine:
 
 
 class Cta:
-    """Names in CTA `c` of a launch. Paired (Hq = 128): two CTAs, each filling one half of every
-    tile's rows ("rows 0" / "rows 1") into both CTAs' tiles. The RoPE block is one region of all
-    rows (each FP8 CTA copies all of it), or split by rows like the rest when the paired fill
-    covers it too (prefill's TMA); unpaired, everything is one region of all rows."""
+    """Names in CTA `c` of a launch. Paired (Hq = 128): two CTAs, each filling one half of the
+    rows ("rows 0" / "rows 1") of the shared tile halves into both CTAs' tiles (FP8 decode: every
+    half; prefill: buffer 0 half 0 and buffer 1 half 1, the kernel's shared_half). The RoPE block
+    is one region of all rows (each FP8 CTA copies all of it), or split by rows like the rest in
+    a paired prefill, whose shared fill covers it too; unpaired, everything is one region."""
 
-    def __init__(self, c, paired, split_rope=False):
-        self.c, self.paired = c, paired
+    def __init__(self, c, paired, prefill=False):
+        self.c, self.paired, self.prefill = c, paired, prefill
         self.peer = 1 - c
         self.rows = (0, 1) if paired else ("all",)
-        self.split_rope = split_rope
+        self.split_rope = paired and prefill
+
+    def shared(self, b, h):
+        return self.paired and (not self.prefill or b == h)
 
     def at(self, name, cta=None):
         return f"{self.c if cta is None else cta}:{name}"
@@ -172,10 +177,9 @@ class Cta:
 
 def producer(m, n_tiles, fp8, cta):
     """The alternating schedule's fills (prefill, bf16 rows): halves in the order they are freed;
-    paired, this CTA's rows of each half into both CTAs' tiles (TMA multicast, its bytes counted
-    by the peer's ready barrier too)."""
+    paired, this CTA's rows of each shared half into both CTAs' tiles (TMA multicast, its bytes
+    counted by the peer's ready barrier too), every row of the others into its own."""
     assert not fp8, "FP8 rows only come with the decode (serial) schedule"
-    own = (cta.c,) if cta.paired else cta.rows
     order = [(0, 0), (1, 1), (0, 1), (1, 0)]  # (buffer, half) in the order they are freed
     for pair in range((n_tiles + 1) // 2):
         free_parity = (pair & 1) ^ 1
@@ -184,12 +188,14 @@ def producer(m, n_tiles, fp8, cta):
             if h == b:  # the valid words go with the first half of the buffer its reader frees
                 yield ("write", cta.at(f"valid{b}"), ("valid", 2 * pair + b))
                 yield ("mb_arrive", cta.at(f"valid_ready{b}"))
-            for dst in (cta.c, cta.peer) if cta.paired else (None,):
+            shared = cta.shared(b, h)
+            own = (cta.c,) if shared else cta.rows
+            for dst in (cta.c, cta.peer) if shared else (None,):
                 rope = cta.rope(b, own, dst) if h == 1 else []
                 for r in cta.latent(b, h, own, dst) + rope:
                     yield ("write", r, ("kv", 2 * pair + b))
             yield ("mb_arrive", cta.at(f"ready{b}{h}"))
-            if cta.paired:
+            if shared:
                 yield ("mb_complete_tx", cta.at(f"ready{b}{h}", cta.peer))
 
 
@@ -246,9 +252,9 @@ def kv(cta, b, h, t):
 
 
 def free(cta, b, h):
-    """A reader done with buffer b, half h; paired, the peer's producer writes there too."""
+    """A reader done with buffer b, half h; shared, the peer's producer writes there too."""
     yield ("mb_arrive", cta.at(f"freed{b}{h}"))
-    if cta.paired:
+    if cta.shared(b, h):
         yield ("mb_arrive_peer", cta.at(f"freed{b}{h}", cta.peer))
 
 
@@ -379,18 +385,20 @@ FILLS = {  # fill -> (schedule, FP8 rows, paired CTAs), as the kernel instantiat
 def run(n_tiles, fill, rng, racecheck_rules=True):
     schedule, fp8, paired = FILLS[fill]
     serial = schedule == "serial"
-    ctas = [Cta(c, paired, split_rope=paired and not serial) for c in ((0, 1) if paired else (0,))]
+    ctas = [Cta(c, paired, prefill=not serial) for c in ((0, 1) if paired else (0,))]
     # A tile half is free once its last reader(s) are done (serial: both warpgroups, freed{b}0
-    # for the whole buffer); paired, in both CTAs (128 local threads + 4 remote warps per
+    # for the whole buffer); shared, in both CTAs (128 local threads + 4 remote warps per
     # reader), and ready once both producers delivered their rows (the local arrival(s), one of
     # them expecting the peer's st.async or multicast bytes).
     readers = 2 if serial else 1
-    need = {"ready": 2 if paired else 1, "freed": readers * (PAIRED_FREED_CTAS if paired else 1)}
-    m = Machine({cta.at(f"{kind}{b}{h}"): need[kind] for cta in ctas for kind in need
-                 for b in (0, 1) for h in (0, 1)}, racecheck_rules)
-    if not serial:
-        for cta in ctas:
-            m.need[cta.at("freed01")] = FREED01_ARRIVALS * (PAIRED_FREED_CTAS if paired else 1)
+    m = Machine({}, racecheck_rules)
+    for cta in ctas:
+        for b in (0, 1):
+            for h in (0, 1):
+                shared = cta.shared(b, h)
+                n_readers = FREED01_ARRIVALS if (b, h) == (0, 1) and not serial else readers
+                m.need[cta.at(f"ready{b}{h}")] = 2 if shared else 1
+                m.need[cta.at(f"freed{b}{h}")] = n_readers * (PAIRED_FREED_CTAS if shared else 1)
     roles = {}
     for cta in ctas:
         roles[cta.at("producer")] = (producer_serial if serial else producer)(m, n_tiles, fp8, cta)

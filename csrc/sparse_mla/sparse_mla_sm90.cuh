@@ -5,9 +5,10 @@
 // NOTES:
 // - Work unit (one CTA): one query row x one group of 64 heads x one slice of its top-k. 64 heads
 //   is the M of a wgmma and the most a CTA can hold: the output accumulator of 64 heads x 512 fp32
-//   is half the register file, so Hq = 128 runs as two CTAs per query (launched adjacently: the
-//   second gather of each KV row hits L2), and Hq = 16 / 32 pad the M rows with zero queries that
-//   are never stored.
+//   is half the register file, so Hq = 128 runs as two CTAs per query, one cluster (prefill: the
+//   halves of each tile that are refilled early are fetched once for both, by TMA multicast; the
+//   second gather of the other rows hits L2), and Hq = 16 / 32 pad the M rows with zero queries
+//   that are never stored.
 // - Three warpgroups, specialised: a producer (72 registers) that resolves indices to KV rows and
 //   fills two 64-key tile buffers, half a tile at a time (dims 0-255 and 256-575, each with its
 //   own ready mbarrier), and two math warpgroups (216 registers), each owning half of O's 512
@@ -34,7 +35,8 @@
 // - Q 72 KB + 2 x 72 KB tiles + 8 KB of P = the 227 KB an sm_90 CTA may use.
 // - The KV tile is stored once, row-major [key][576] in 128-byte-swizzled 8x64 atoms; the same
 //   bytes are the K-major B operand of Q K^T and the MN-major B operand of P V (V^T view), so
-//   nothing is transposed. bf16 rows arrive by cp.async (zero-filled when masked) tracked by the
+//   nothing is transposed. bf16 rows arrive by cp.async (zero-filled when masked) or, in the
+//   shared halves of a paired prefill, by TMA (one box per row and column block), tracked by the
 //   mbarriers; FP8 rows (656 B) are staged raw by cp.async inside the bf16 region of the half they
 //   become and dequantised there (e4m3 * fp32 scale, rounded to bf16): half 0 by the producer,
 //   half 1 by WG1.
@@ -254,13 +256,16 @@ enum class Mode { kPrefill, kDecodeBf16, kDecodeFp8 };
 // the kernel.
 constexpr bool serial_schedule(Mode mode) { return mode != Mode::kPrefill; }
 
-#ifndef INDEXCACHE_SPARSE_TMA_UNPAIRED
-#define INDEXCACHE_SPARSE_TMA_UNPAIRED 0
-#endif
-// Prefill fills its tiles by TMA when the two head groups share them (multicast); see
-// tma_bf16_half.
-constexpr bool tma_fill(Mode mode, bool paired) {
-  return mode == Mode::kPrefill && (paired || INDEXCACHE_SPARSE_TMA_UNPAIRED);
+// Paired launches (a cluster of the two head-group CTAs of an Hq = 128 query): whether tile half
+// (b, h) is filled by both CTAs for both, so that its free waits for the readers of both. FP8
+// decode: every half (each CTA converts half of the rows). Prefill: the halves a warpgroup frees
+// after its own P V (buffer 0 half 0, buffer 1 half 1; TMA multicast, see tma_bf16_half), which
+// are refilled with most of a pair to spare. The two freed at the end of a pair and needed right
+// after stay each CTA's own cp.async fill: TMA boxes are issued one lane at a time, and sharing
+// every half (6c344ff) put that serial issue and the other CTA's pace on the critical refill:
+// prefill Hq = 128 437-450 -> 369 TFLOP/s (H200).
+constexpr bool shared_half(Mode mode, bool paired, int b, int h) {
+  return paired && (mode != Mode::kPrefill || b == h);
 }
 
 // Everything a CTA needs, for both ops. Query row `r` is prefill's s or decode's b * next_n + j.
@@ -397,46 +402,38 @@ __device__ __forceinline__ void copy_bf16_half(uint32_t dst_tile, const uint8_t*
 // box is at most 128 bytes wide, and a row's blocks are 8 KB apart in the tile). The TMA swizzles
 // by the destination address, so a box written at row r's 128-byte line of an atom lands as the
 // wgmma layout wants it (chunk c at c ^ r % 8); masked rows are boxes at row -1, out of bounds,
-// which the TMA fills with zeros. Paired (the two head groups of an Hq = 128 query, one cluster),
-// each CTA fetches 32 of the 64 rows and multicasts them into both CTAs' tiles, completing bytes
-// on the mbarrier at the same offset in each: every KV row crosses from L2 once per query instead
-// of once per head group. The CTA's thread 0 expects the whole half's bytes on its own barrier.
-template <bool kMulticast>
-__device__ __forceinline__ void tma_load_row_block(uint32_t dst, const CUtensorMap* map,
-                                                   int col_byte, int row, uint32_t bar) {
-  if constexpr (kMulticast) {
-    asm volatile(
-        "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes"
-        ".multicast::cluster [%0], [%1, {%2, %3}], [%4], %5;\n" ::"r"(dst),
-        "l"(reinterpret_cast<uint64_t>(map)), "r"(col_byte), "r"(row), "r"(bar), "h"(uint16_t(3))
-        : "memory");
-  } else {
-    asm volatile(
-        "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes"
-        " [%0], [%1, {%2, %3}], [%4];\n" ::"r"(dst),
-        "l"(reinterpret_cast<uint64_t>(map)), "r"(col_byte), "r"(row), "r"(bar)
-        : "memory");
-  }
+// which the TMA fills with zeros. Paired (the two head groups of an Hq = 128 query, one cluster;
+// the halves of shared_half), each CTA fetches 32 of the 64 rows and multicasts them into both
+// CTAs' tiles, completing bytes on the mbarrier at the same offset in each: those rows cross from
+// L2 once per query instead of once per head group. The CTA's thread 0 expects the whole half's
+// bytes on its own barrier.
+__device__ __forceinline__ void tma_multicast_row_block(uint32_t dst, const CUtensorMap* map,
+                                                        int col_byte, int row, uint32_t bar) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes"
+      ".multicast::cluster [%0], [%1, {%2, %3}], [%4], %5;\n" ::"r"(dst),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(col_byte), "r"(row), "r"(bar), "h"(uint16_t(3))
+      : "memory");
 }
 
-// Half kHalf of a tile by TMA: this CTA's rows (paired: rows 32 rank .. 32 rank + 31), the boxes
-// spread evenly over the producer's four warps.
-template <int kHalf, bool kPaired>
+// Half kHalf of a tile by TMA, paired: this CTA's rows (32 rank .. 32 rank + 31) into both CTAs,
+// the boxes spread evenly over the producer's four warps.
+template <int kHalf>
 __device__ __forceinline__ void tma_bf16_half(uint32_t dst_tile, const CUtensorMap* map,
                                               const int64_t* rows, uint64_t* ready, int pt) {
   using Half = TileHalf<kHalf>;
-  constexpr int kRows = kPaired ? kBlockKeys / 2 : kBlockKeys;
+  constexpr int kRows = kBlockKeys / 2;
   constexpr int kPerWarp = kRows * Half::kCount / (kProducerThreads / 32);
   constexpr uint32_t kHalfBytes = kBlockKeys * Half::kCount * 128;  // both CTAs' rows
   if (pt == 0) cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(ready, kHalfBytes);
-  const int first_row = kPaired ? int(cute::block_rank_in_cluster()) * kRows : 0;
+  const int first_row = int(cute::block_rank_in_cluster()) * kRows;
   const uint32_t bar = cute::cast_smem_ptr_to_uint(ready);
 #pragma unroll
   for (int j = pt % 32; j < kPerWarp; j += 32) {
     const int g = (pt / 32) * kPerWarp + j;
     const int r = first_row + g / Half::kCount, blk = Half::kFirst + g % Half::kCount;
-    tma_load_row_block<kPaired>(dst_tile + blk * kBlockElems * 2 + r * 128, map, blk * 128,
-                                int(rows[r]), bar);
+    tma_multicast_row_block(dst_tile + blk * kBlockElems * 2 + r * 128, map, blk * 128,
+                            int(rows[r]), bar);
   }
 }
 
@@ -672,11 +669,11 @@ __device__ __forceinline__ void producer(const Problem& p, SharedStorage& ss, in
       cutlass::arch::ClusterBarrier::arrive(&ss.valid_ready[b]);
     }
   };
-  auto wait_free = [&](uint64_t* bar, uint32_t phase) {
-    if constexpr (kPaired) {
-      wait_cluster(bar, phase);  // both CTAs' readers are done
+  auto wait_free = [&](int b, int h, uint32_t phase) {
+    if (shared_half(kMode, kPaired, b, h)) {
+      wait_cluster(&ss.freed[b][h], phase);  // both CTAs' readers are done
     } else {
-      cutlass::arch::ClusterBarrier::wait(bar, phase);
+      cutlass::arch::ClusterBarrier::wait(&ss.freed[b][h], phase);
     }
   };
   // The k-th fill of a buffer waits for the (k-1)-th free: parity (k & 1) ^ 1, where a fresh
@@ -695,7 +692,7 @@ __device__ __forceinline__ void producer(const Problem& p, SharedStorage& ss, in
     auto stage_tile = [&](int tile) {
       const int pair = tile >> 1, b = tile & 1;
       if (b == 0) valid_bits = resolve_pair(pair);
-      wait_free(&ss.freed[b][0], (pair & 1) ^ 1);
+      wait_free(b, 0, (pair & 1) ^ 1);
       publish_valid(b, valid_bits);
       const uint32_t dst = smem_kv0 + b * kTileBytes;
       const int64_t* rows = ss.rows[pair & 1][b];
@@ -719,8 +716,8 @@ __device__ __forceinline__ void producer(const Problem& p, SharedStorage& ss, in
       const uint32_t free_phase = (pair & 1) ^ 1;
       const uint32_t valid_bits = resolve_pair(pair);
       auto copy_half = [&](auto b, auto h) {
-        if constexpr (tma_fill(kMode, kPaired)) {
-          tma_bf16_half<h, kPaired>(smem_kv0 + b * kTileBytes, &p.kv_rows, ss.rows[slot][b],
+        if constexpr (kMode == Mode::kPrefill && shared_half(kMode, kPaired, b, h)) {
+          tma_bf16_half<h>(smem_kv0 + b * kTileBytes, &p.kv_rows, ss.rows[slot][b],
                                     &ss.ready[b][h], pt);
         } else {
           copy_bf16_half<h>(smem_kv0 + b * kTileBytes, p.kv, kRowBytes, ss.rows[slot][b],
@@ -733,7 +730,7 @@ __device__ __forceinline__ void producer(const Problem& p, SharedStorage& ss, in
         // Whole tiles: buffer b is free once both P V of its previous tile are done
         // (freed[b][0]). No phantom odd tile in this schedule.
         auto fill_tile = [&](auto b) {
-          wait_free(&ss.freed[b][0], free_phase);
+          wait_free(b, 0, free_phase);
           publish_valid(b, valid_bits);
           copy_half(b, Int<0>{});
           copy_half(b, Int<1>{});
@@ -747,7 +744,7 @@ __device__ __forceinline__ void producer(const Problem& p, SharedStorage& ss, in
         constexpr int kFillHalf[4] = {0, 1, 1, 0};
         cute::for_each(cute::make_int_sequence<4>{}, [&](auto f) {
           constexpr int b = kFillBuffer[f], h = kFillHalf[f];
-          wait_free(&ss.freed[b][h], free_phase);
+          wait_free(b, h, free_phase);
           if (h == b) publish_valid(b, valid_bits);
           copy_half(Int<b>{}, Int<h>{});
         });
@@ -838,12 +835,14 @@ __global__ void __launch_bounds__(kThreads, 1)
     for (int b = 0; b < 2; ++b) {
       for (int h = 0; h < 2; ++h) {
         // TMA: thread 0's arrival with the half's bytes; cp.async: every producer thread's.
-        ClusterBarrier::init(&ss.ready[b][h], tma_fill(kMode, kPaired) ? 1 : kProducerThreads);
+        const bool shared = shared_half(kMode, kPaired, b, h);
+        ClusterBarrier::init(&ss.ready[b][h],
+                             kMode == Mode::kPrefill && shared ? 1 : kProducerThreads);
         // One arrival per thread of the tile's last reader (serial: both warpgroups; freed[b][1]
-        // unused); paired, also lane 0 of each warp of the peer's reader(s) of its own copy.
+        // unused); shared, also lane 0 of each warp of the peer's reader(s) of its own copy.
         // Alternating, buffer 0 half 1 also waits for WG0's P store into its RoPE block.
         const int readers = kSerial || (b == 0 && h == 1) ? 2 : 1;
-        ClusterBarrier::init(&ss.freed[b][h], readers * (128 + (kPaired ? 4 : 0)));
+        ClusterBarrier::init(&ss.freed[b][h], readers * (128 + (shared ? 4 : 0)));
       }
       ClusterBarrier::init(&ss.valid_ready[b], 2);  // lane 0 of the two warps resolving buffer b
       ClusterBarrier::init(&ss.staged[b], kProducerThreads);
@@ -964,12 +963,12 @@ __global__ void __launch_bounds__(kThreads, 1)
     warpgroup_fence_operand(rS);
   };
 
-  // A tile half is free once this CTA's reader is done and, paired, the peer's reader of its copy
-  // (the peer writes its rows into both).
-  auto free_half = [&](uint64_t* bar) {
-    cutlass::arch::ClusterBarrier::arrive(bar);
-    if constexpr (kPaired) {
-      if (lane == 0) arrive_in_cta(bar, cute::block_rank_in_cluster() ^ 1u);
+  // A tile half is free once this CTA's reader is done and, when the half is shared, the peer's
+  // reader of its copy (the peer writes its rows into both).
+  auto free_half = [&](int b, int h) {
+    cutlass::arch::ClusterBarrier::arrive(&ss.freed[b][h]);
+    if (shared_half(kMode, kPaired, b, h) && lane == 0) {
+      arrive_in_cta(&ss.freed[b][h], cute::block_rank_in_cluster() ^ 1u);
     }
   };
 
@@ -1019,7 +1018,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         // d2a6110 then, bf16 decode 396 -> 417 without).
         warpgroup_wait<0>();
         warpgroup_fence_operand(rO);
-        free_half(&ss.freed[b][0]);
+        free_half(b, 0);
         if (tile + 1 < n_tiles) {
           const int nb = b ^ 1;
           tile_s(nb, nb ? buf1 : buf0, ((tile + 1) >> 1) & 1);
@@ -1060,7 +1059,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         if (tile + 1 < n_tiles) convert_half1(tile + 1);
         warpgroup_wait<0>();
         warpgroup_fence_operand(rO);
-        free_half(&ss.freed[b][0]);
+        free_half(b, 0);
         if (tile + 1 < n_tiles) named_sync(kSerialPFree, kMathThreads);
       }
     }
@@ -1090,7 +1089,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         own_pv();
         warpgroup_wait<0>();
         warpgroup_fence_operand(rO);
-        free_half(&ss.freed[0][0]);
+        free_half(0, 0);
 
         // The pair's max (WG1 folds the same two maxima into its reference): rescale this tile's
         // P for WG1 and this half of O to it.
@@ -1110,7 +1109,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         // The refill of this half (after WG1's P V) overwrites the P just stored. WG1's arrival
         // alone orders it (through kPEvenReady), but racecheck reported every refill against
         // this store; this arrival, always before WG1's, orders it directly.
-        free_half(&ss.freed[0][1]);
+        free_half(0, 1);
         if (__any_sync(0xFFFFFFFFu, scale[0] != 1.0f || scale[1] != 1.0f)) {
           CUTE_UNROLL
           for (int e = 0; e < size(rO); ++e) rO(e) *= scale[(e / 2) % 2];
@@ -1124,13 +1123,13 @@ __global__ void __launch_bounds__(kThreads, 1)
           warpgroup_fence_operand(rS);
           issue_s<0, 16>(mma_s, frag_q(), frag_k(own_buf), rS, true);
           warpgroup_wait<1>();
-          free_half(&ss.freed[1][0]);
+          free_half(1, 0);
           ClusterBarrier::wait(&ss.ready[0][1], phase ^ 1);
           issue_s<16, 36>(mma_s, frag_q(), frag_k(own_buf), rS, false);
           wait_s();
         } else {
           warpgroup_wait<0>();
-          free_half(&ss.freed[1][0]);
+          free_half(1, 0);
         }
         warpgroup_fence_operand(rO);
       }
@@ -1158,10 +1157,10 @@ __global__ void __launch_bounds__(kThreads, 1)
         cutlass::arch::fence_view_async_shared();
         named_arrive(kPOddReady, kMathThreads);
         warpgroup_wait<1>();
-        free_half(&ss.freed[1][1]);
+        free_half(1, 1);
         warpgroup_wait<0>();
         warpgroup_fence_operand(rO);
-        free_half(&ss.freed[0][1]);
+        free_half(0, 1);
       }
     }
   }
@@ -1309,7 +1308,7 @@ cudaError_t launch(Problem prob, void* workspace, int64_t workspace_bytes_given,
     err = launch_forward<kMode, false>(prob, blocks, stream);
   } else {
     const bool paired = prob.head_groups == 2 && (kMode != Mode::kPrefill || prob.N > 0);
-    if (kMode == Mode::kPrefill && (paired || INDEXCACHE_SPARSE_TMA_UNPAIRED)) {
+    if (kMode == Mode::kPrefill && paired) {
       const uint64_t dims[2] = {kMlaDimQK * 2, uint64_t(prob.N)};
       const uint64_t strides[1] = {kMlaDimQK * 2};
       const uint32_t box[2] = {128, 1};
