@@ -255,7 +255,7 @@ def test_prefill_split_k(Hq, S):
     check(*ops.sparse_mla_prefill(q, kv, idx, SM_SCALE), *prefill_reference(q, kv, idx, SM_SCALE))
 
 
-@pytest.mark.parametrize("Hq", [64, 128])  # 128: the paired TMA fill (masked rows: zero boxes)
+@pytest.mark.parametrize("Hq", [64, 128])  # 128: two head-group CTAs per query
 def test_prefill_masked_rows(Hq):
     """All -1, all out of range, a single valid key at the tail, and one row mixing everything."""
     gen = cuda_gen(5 + Hq)
@@ -277,7 +277,7 @@ def test_prefill_masked_rows(Hq):
 
 @pytest.mark.parametrize("Hq", [64, 128])
 def test_prefill_empty_kv(Hq):
-    """N = 0: every index is masked (the paired launch has no tensor map to build)."""
+    """N = 0: every index is masked, and no KV row may be read."""
     gen = cuda_gen(8)
     q = randn(gen, 5, Hq, DIM)
     kv = torch.empty(0, 1, DIM, dtype=torch.bfloat16, device=DEV)
@@ -406,7 +406,7 @@ def _capture(fn):
 
 
 @needs_caching_allocator
-@pytest.mark.parametrize("Hq", [64, 128])  # 128: the tensor map is a captured kernel parameter
+@pytest.mark.parametrize("Hq", [64, 128])  # 128: two head-group CTAs per query
 @pytest.mark.parametrize("S", [2, 200])  # split-k (workspace inside the graph) and not
 def test_prefill_cuda_graph(S, Hq):
     gen = cuda_gen(70 + S + Hq)

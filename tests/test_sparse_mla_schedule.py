@@ -4,9 +4,7 @@ take alternate tiles, the producer refills tile halves in the order they are fre
 schedule of decode (WG0: S, softmax and its P V; WG1: the other P V from P in smem; whole tiles
 refilled), the latter with bf16 rows, FP8 rows (staged, then dequantised) and the paired FP8
 fill of Hq = 128, where the two CTAs of a cluster each convert half of every tile's rows into
-both CTAs' tiles; and the paired prefill of Hq = 128, where each CTA's TMA multicasts half of
-the rows (RoPE dims included) of the two tile halves freed early in a pair into both CTAs' tiles
-and fills the other two alone. Modelled: the kernel's mbarriers (parity waits; the arrivals each phase
+both CTAs' tiles. Modelled: the kernel's mbarriers (parity waits; the arrivals each phase
 needs), named barriers (bar.arrive / bar.sync generations) and wgmma batches (smem read from
 issue until the wait that retires them).
 
@@ -142,20 +140,14 @@ class Machine:
 
 
 class Cta:
-    """Names in CTA `c` of a launch. Paired (Hq = 128): two CTAs, each filling one half of the
-    rows ("rows 0" / "rows 1") of the shared tile halves into both CTAs' tiles (FP8 decode: every
-    half; prefill: buffer 0 half 0 and buffer 1 half 1, the kernel's shared_half). The RoPE block
-    is one region of all rows (each FP8 CTA copies all of it), or split by rows like the rest in
-    a paired prefill, whose shared fill covers it too; unpaired, everything is one region."""
+    """Names in CTA `c` of a launch. Paired (FP8, Hq = 128): two CTAs, each converting one half of
+    every tile's rows ("rows 0" / "rows 1") into both CTAs' tiles; the RoPE block (and, unpaired,
+    everything) is one region of all rows."""
 
-    def __init__(self, c, paired, prefill=False):
-        self.c, self.paired, self.prefill = c, paired, prefill
+    def __init__(self, c, paired):
+        self.c, self.paired = c, paired
         self.peer = 1 - c
         self.rows = (0, 1) if paired else ("all",)
-        self.split_rope = paired and prefill
-
-    def shared(self, b, h):
-        return self.paired and (not self.prefill or b == h)
 
     def at(self, name, cta=None):
         return f"{self.c if cta is None else cta}:{name}"
@@ -164,21 +156,13 @@ class Cta:
         """Regions of buffer b, half h holding V columns (dims 0-255 / 256-511) of `rows`."""
         return [self.at(f"k{b}{('h0', 'h1v')[h]}/{r}", cta) for r in rows]
 
-    def rope(self, b, rows=None, cta=None):
-        """Regions of buffer b's RoPE block (`rows`: which, when it is split)."""
-        if not self.split_rope:
-            return [self.at(f"k{b}rope", cta)]
-        return [self.at(f"k{b}rope/{r}", cta) for r in (self.rows if rows is None else rows)]
-
     def half(self, b, h):
         """Every region a wgmma of this CTA reads from buffer b, half h."""
-        return self.latent(b, h, self.rows) + (self.rope(b) if h == 1 else [])
+        return self.latent(b, h, self.rows) + ([self.at(f"k{b}rope")] if h == 1 else [])
 
 
 def producer(m, n_tiles, fp8, cta):
-    """The alternating schedule's fills (prefill, bf16 rows): halves in the order they are freed;
-    paired, this CTA's rows of each shared half into both CTAs' tiles (TMA multicast, its bytes
-    counted by the peer's ready barrier too), every row of the others into its own."""
+    """The alternating schedule's fills (prefill, bf16 rows): halves in the order they are freed."""
     assert not fp8, "FP8 rows only come with the decode (serial) schedule"
     order = [(0, 0), (1, 1), (0, 1), (1, 0)]  # (buffer, half) in the order they are freed
     for pair in range((n_tiles + 1) // 2):
@@ -188,15 +172,9 @@ def producer(m, n_tiles, fp8, cta):
             if h == b:  # the valid words go with the first half of the buffer its reader frees
                 yield ("write", cta.at(f"valid{b}"), ("valid", 2 * pair + b))
                 yield ("mb_arrive", cta.at(f"valid_ready{b}"))
-            shared = cta.shared(b, h)
-            own = (cta.c,) if shared else cta.rows
-            for dst in (cta.c, cta.peer) if shared else (None,):
-                rope = cta.rope(b, own, dst) if h == 1 else []
-                for r in cta.latent(b, h, own, dst) + rope:
-                    yield ("write", r, ("kv", 2 * pair + b))
+            for r in cta.half(b, h):
+                yield ("write", r, ("kv", 2 * pair + b))
             yield ("mb_arrive", cta.at(f"ready{b}{h}"))
-            if shared:
-                yield ("mb_complete_tx", cta.at(f"ready{b}{h}", cta.peer))
 
 
 def producer_serial(m, n_tiles, fp8, cta):
@@ -252,9 +230,9 @@ def kv(cta, b, h, t):
 
 
 def free(cta, b, h):
-    """A reader done with buffer b, half h; shared, the peer's producer writes there too."""
+    """A reader done with buffer b, half h; paired, the peer's producer writes there too."""
     yield ("mb_arrive", cta.at(f"freed{b}{h}"))
-    if cta.shared(b, h):
+    if cta.paired:
         yield ("mb_arrive_peer", cta.at(f"freed{b}{h}", cta.peer))
 
 
@@ -282,8 +260,7 @@ def math_wg0(m, n_tiles, cta):
         yield from free(cta, 0, 0)
         yield ("bar_sync", at(MAX_ODD))
         yield ("read", at("m_from_wg1"), ("tile_max", odd))
-        for r in cta.rope(0):
-            yield ("write", r, ("P", even))                     # P of the even tile, RoPE block
+        yield ("write", at("k0rope"), ("P", even))             # P of the even tile, RoPE block
         yield ("bar_arrive", at(P_EVEN))
         yield from free(cta, 0, 1)  # the refill of that half also waits for the P store
         yield ("bar_sync", at(P_ODD))
@@ -320,7 +297,7 @@ def math_wg1(m, n_tiles, cta):
         yield ("issue", [(r, ("kv", odd)) for r in cta.latent(1, 1, cta.rows)])  # own P V
         yield ("write", at("p_odd"), ("P", odd))
         yield ("bar_sync", at(P_EVEN))
-        yield ("issue", [(r, ("P", even)) for r in cta.rope(0)]
+        yield ("issue", [(at("k0rope"), ("P", even))]
                + [(r, ("kv", even)) for r in cta.latent(0, 1, cta.rows)])  # peer P V
         yield ("bar_arrive", at(P_ODD))
         yield ("retire", 1)
@@ -375,7 +352,6 @@ def math_wg1_serial(m, n_tiles, cta, fp8):
 
 FILLS = {  # fill -> (schedule, FP8 rows, paired CTAs), as the kernel instantiates them
     "prefill-bf16": ("alternating", False, False),
-    "prefill-bf16-paired": ("alternating", False, True),
     "decode-bf16": ("serial", False, False),
     "decode-fp8": ("serial", True, False),
     "decode-fp8-paired": ("serial", True, True),
@@ -385,20 +361,17 @@ FILLS = {  # fill -> (schedule, FP8 rows, paired CTAs), as the kernel instantiat
 def run(n_tiles, fill, rng, racecheck_rules=True):
     schedule, fp8, paired = FILLS[fill]
     serial = schedule == "serial"
-    ctas = [Cta(c, paired, prefill=not serial) for c in ((0, 1) if paired else (0,))]
+    ctas = [Cta(c, paired) for c in ((0, 1) if paired else (0,))]
     # A tile half is free once its last reader(s) are done (serial: both warpgroups, freed{b}0
-    # for the whole buffer); shared, in both CTAs (128 local threads + 4 remote warps per
-    # reader), and ready once both producers delivered their rows (the local arrival(s), one of
-    # them expecting the peer's st.async or multicast bytes).
+    # for the whole buffer); paired, in both CTAs (128 local threads + 4 remote warps per
+    # reader), and ready once both producers delivered their rows (128 local arrivals, one of
+    # them expecting the peer's st.async bytes).
     readers = 2 if serial else 1
-    m = Machine({}, racecheck_rules)
-    for cta in ctas:
-        for b in (0, 1):
-            for h in (0, 1):
-                shared = cta.shared(b, h)
-                n_readers = FREED01_ARRIVALS if (b, h) == (0, 1) and not serial else readers
-                m.need[cta.at(f"ready{b}{h}")] = 2 if shared else 1
-                m.need[cta.at(f"freed{b}{h}")] = n_readers * (PAIRED_FREED_CTAS if shared else 1)
+    need = {"ready": 2 if paired else 1, "freed": readers * (PAIRED_FREED_CTAS if paired else 1)}
+    m = Machine({cta.at(f"{kind}{b}{h}"): need[kind] for cta in ctas for kind in need
+                 for b in (0, 1) for h in (0, 1)}, racecheck_rules)
+    if not serial:
+        m.need[ctas[0].at("freed01")] = FREED01_ARRIVALS
     roles = {}
     for cta in ctas:
         roles[cta.at("producer")] = (producer_serial if serial else producer)(m, n_tiles, fp8, cta)
@@ -509,12 +482,12 @@ def test_the_checker_catches_an_early_p_overwrite():
     assert_mutant_caught({"math_wg0_serial": arriving_at(P_FREE)}, 5, 17, "decode-bf16")
 
 
-@pytest.mark.parametrize("fill", ["decode-fp8-paired", "prefill-bf16-paired"])
-def test_the_checker_catches_a_paired_refill_before_the_peer_read(monkeypatch, fill):
+def test_the_checker_catches_a_paired_refill_before_the_peer_read(monkeypatch):
     """Paired: with a free barrier that counts only its own CTA's readers, the other CTA's
     producer writes its rows into this CTA's tile while this CTA's wgmma still reads them."""
     monkeypatch.setattr(__import__(__name__), "PAIRED_FREED_CTAS", 1)
-    assert_mutant_caught({"free": dropping(lambda act: act[0] == "mb_arrive_peer")}, 6, 13, fill)
+    assert_mutant_caught({"free": dropping(lambda act: act[0] == "mb_arrive_peer")}, 6, 13,
+                         "decode-fp8-paired")
 
 
 @pytest.mark.parametrize("fill", ["decode-bf16", "decode-fp8"])

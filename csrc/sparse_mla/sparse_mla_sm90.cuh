@@ -5,10 +5,9 @@
 // NOTES:
 // - Work unit (one CTA): one query row x one group of 64 heads x one slice of its top-k. 64 heads
 //   is the M of a wgmma and the most a CTA can hold: the output accumulator of 64 heads x 512 fp32
-//   is half the register file, so Hq = 128 runs as two CTAs per query, one cluster (prefill: the
-//   halves of each tile that are refilled early are fetched once for both, by TMA multicast; the
-//   second gather of the other rows hits L2), and Hq = 16 / 32 pad the M rows with zero queries
-//   that are never stored.
+//   is half the register file, so Hq = 128 runs as two CTAs per query (launched adjacently: the
+//   second gather of each KV row hits L2), and Hq = 16 / 32 pad the M rows with zero queries that
+//   are never stored.
 // - Three warpgroups, specialised: a producer (72 registers) that resolves indices to KV rows and
 //   fills two 64-key tile buffers, half a tile at a time (dims 0-255 and 256-575, each with its
 //   own ready mbarrier), and two math warpgroups (216 registers), each owning half of O's 512
@@ -35,8 +34,7 @@
 // - Q 72 KB + 2 x 72 KB tiles + 8 KB of P = the 227 KB an sm_90 CTA may use.
 // - The KV tile is stored once, row-major [key][576] in 128-byte-swizzled 8x64 atoms; the same
 //   bytes are the K-major B operand of Q K^T and the MN-major B operand of P V (V^T view), so
-//   nothing is transposed. bf16 rows arrive by cp.async (zero-filled when masked) or, in the
-//   shared halves of a paired prefill, by TMA (one box per row and column block), tracked by the
+//   nothing is transposed. bf16 rows arrive by cp.async (zero-filled when masked) tracked by the
 //   mbarriers; FP8 rows (656 B) are staged raw by cp.async inside the bf16 region of the half they
 //   become and dequantised there (e4m3 * fp32 scale, rounded to bf16): half 0 by the producer,
 //   half 1 by WG1.
@@ -62,7 +60,6 @@
 //   call is CUDA-graph capturable and bitwise reproducible.
 #pragma once
 
-#include <cuda.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_fp8.h>
@@ -83,7 +80,6 @@
 
 #include "indexcache/device.h"
 #include "indexcache/params.h"
-#include "indexcache/tensor_map.h"
 
 namespace indexcache {
 namespace sparse_mla_sm90 {
@@ -256,21 +252,8 @@ enum class Mode { kPrefill, kDecodeBf16, kDecodeFp8 };
 // the kernel.
 constexpr bool serial_schedule(Mode mode) { return mode != Mode::kPrefill; }
 
-// Paired launches (a cluster of the two head-group CTAs of an Hq = 128 query): whether tile half
-// (b, h) is filled by both CTAs for both, so that its free waits for the readers of both. FP8
-// decode: every half (each CTA converts half of the rows). Prefill: the halves a warpgroup frees
-// after its own P V (buffer 0 half 0, buffer 1 half 1; TMA multicast, see tma_bf16_half), which
-// are refilled with most of a pair to spare. The two freed at the end of a pair and needed right
-// after stay each CTA's own cp.async fill: TMA boxes are issued one lane at a time, and sharing
-// every half (6c344ff) put that serial issue and the other CTA's pace on the critical refill:
-// prefill Hq = 128 437-450 -> 369 TFLOP/s (H200).
-constexpr bool shared_half(Mode mode, bool paired, int b, int h) {
-  return paired && (mode != Mode::kPrefill || b == h);
-}
-
 // Everything a CTA needs, for both ops. Query row `r` is prefill's s or decode's b * next_n + j.
 struct Problem {
-  CUtensorMap kv_rows;        // prefill, TMA fill: p.kv as [N rows][1152 B], 128-byte boxes
   const uint16_t* q;          // [rows, Hq, 576]
   const uint8_t* kv;          // prefill [N, 576] bf16; decode [num_pages * 64, row_bytes]
   const int32_t* indices;     // [rows, topk]
@@ -395,45 +378,6 @@ __device__ __forceinline__ void copy_bf16_half(uint32_t dst_tile, const uint8_t*
       cp_async_16_or_zero(dst_tile + 2 * tile_chunk_offset(r, 8 * b + c), src + b * 128, fallback,
                           row >= 0);
     }
-  }
-}
-
-// bf16 rows by TMA (prefill): one 128-byte box per (row, column block), 9 per row (a 128B-swizzled
-// box is at most 128 bytes wide, and a row's blocks are 8 KB apart in the tile). The TMA swizzles
-// by the destination address, so a box written at row r's 128-byte line of an atom lands as the
-// wgmma layout wants it (chunk c at c ^ r % 8); masked rows are boxes at row -1, out of bounds,
-// which the TMA fills with zeros. Paired (the two head groups of an Hq = 128 query, one cluster;
-// the halves of shared_half), each CTA fetches 32 of the 64 rows and multicasts them into both
-// CTAs' tiles, completing bytes on the mbarrier at the same offset in each: those rows cross from
-// L2 once per query instead of once per head group. The CTA's thread 0 expects the whole half's
-// bytes on its own barrier.
-__device__ __forceinline__ void tma_multicast_row_block(uint32_t dst, const CUtensorMap* map,
-                                                        int col_byte, int row, uint32_t bar) {
-  asm volatile(
-      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes"
-      ".multicast::cluster [%0], [%1, {%2, %3}], [%4], %5;\n" ::"r"(dst),
-      "l"(reinterpret_cast<uint64_t>(map)), "r"(col_byte), "r"(row), "r"(bar), "h"(uint16_t(3))
-      : "memory");
-}
-
-// Half kHalf of a tile by TMA, paired: this CTA's rows (32 rank .. 32 rank + 31) into both CTAs,
-// the boxes spread evenly over the producer's four warps.
-template <int kHalf>
-__device__ __forceinline__ void tma_bf16_half(uint32_t dst_tile, const CUtensorMap* map,
-                                              const int64_t* rows, uint64_t* ready, int pt) {
-  using Half = TileHalf<kHalf>;
-  constexpr int kRows = kBlockKeys / 2;
-  constexpr int kPerWarp = kRows * Half::kCount / (kProducerThreads / 32);
-  constexpr uint32_t kHalfBytes = kBlockKeys * Half::kCount * 128;  // both CTAs' rows
-  if (pt == 0) cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(ready, kHalfBytes);
-  const int first_row = int(cute::block_rank_in_cluster()) * kRows;
-  const uint32_t bar = cute::cast_smem_ptr_to_uint(ready);
-#pragma unroll
-  for (int j = pt % 32; j < kPerWarp; j += 32) {
-    const int g = (pt / 32) * kPerWarp + j;
-    const int r = first_row + g / Half::kCount, blk = Half::kFirst + g % Half::kCount;
-    tma_multicast_row_block(dst_tile + blk * kBlockElems * 2 + r * 128, map, blk * 128,
-                            int(rows[r]), bar);
   }
 }
 
@@ -669,11 +613,11 @@ __device__ __forceinline__ void producer(const Problem& p, SharedStorage& ss, in
       cutlass::arch::ClusterBarrier::arrive(&ss.valid_ready[b]);
     }
   };
-  auto wait_free = [&](int b, int h, uint32_t phase) {
-    if (shared_half(kMode, kPaired, b, h)) {
-      wait_cluster(&ss.freed[b][h], phase);  // both CTAs' readers are done
+  auto wait_free = [&](uint64_t* bar, uint32_t phase) {
+    if constexpr (kPaired) {
+      wait_cluster(bar, phase);  // both CTAs' readers are done
     } else {
-      cutlass::arch::ClusterBarrier::wait(&ss.freed[b][h], phase);
+      cutlass::arch::ClusterBarrier::wait(bar, phase);
     }
   };
   // The k-th fill of a buffer waits for the (k-1)-th free: parity (k & 1) ^ 1, where a fresh
@@ -692,7 +636,7 @@ __device__ __forceinline__ void producer(const Problem& p, SharedStorage& ss, in
     auto stage_tile = [&](int tile) {
       const int pair = tile >> 1, b = tile & 1;
       if (b == 0) valid_bits = resolve_pair(pair);
-      wait_free(b, 0, (pair & 1) ^ 1);
+      wait_free(&ss.freed[b][0], (pair & 1) ^ 1);
       publish_valid(b, valid_bits);
       const uint32_t dst = smem_kv0 + b * kTileBytes;
       const int64_t* rows = ss.rows[pair & 1][b];
@@ -716,21 +660,16 @@ __device__ __forceinline__ void producer(const Problem& p, SharedStorage& ss, in
       const uint32_t free_phase = (pair & 1) ^ 1;
       const uint32_t valid_bits = resolve_pair(pair);
       auto copy_half = [&](auto b, auto h) {
-        if constexpr (kMode == Mode::kPrefill && shared_half(kMode, kPaired, b, h)) {
-          tma_bf16_half<h>(smem_kv0 + b * kTileBytes, &p.kv_rows, ss.rows[slot][b],
-                                    &ss.ready[b][h], pt);
-        } else {
-          copy_bf16_half<h>(smem_kv0 + b * kTileBytes, p.kv, kRowBytes, ss.rows[slot][b],
-                            fallback, pt);
-          cutlass::arch::cpasync_barrier_arrive_noinc(&ss.ready[b][h]);
-        }
+        copy_bf16_half<h>(smem_kv0 + b * kTileBytes, p.kv, kRowBytes, ss.rows[slot][b], fallback,
+                          pt);
+        cutlass::arch::cpasync_barrier_arrive_noinc(&ss.ready[b][h]);
       };
       using cute::Int;
       if constexpr (kSerial) {
         // Whole tiles: buffer b is free once both P V of its previous tile are done
         // (freed[b][0]). No phantom odd tile in this schedule.
         auto fill_tile = [&](auto b) {
-          wait_free(b, 0, free_phase);
+          wait_free(&ss.freed[b][0], free_phase);
           publish_valid(b, valid_bits);
           copy_half(b, Int<0>{});
           copy_half(b, Int<1>{});
@@ -744,7 +683,7 @@ __device__ __forceinline__ void producer(const Problem& p, SharedStorage& ss, in
         constexpr int kFillHalf[4] = {0, 1, 1, 0};
         cute::for_each(cute::make_int_sequence<4>{}, [&](auto f) {
           constexpr int b = kFillBuffer[f], h = kFillHalf[f];
-          wait_free(b, h, free_phase);
+          wait_free(&ss.freed[b][h], free_phase);
           if (h == b) publish_valid(b, valid_bits);
           copy_half(Int<b>{}, Int<h>{});
         });
@@ -798,12 +737,11 @@ __device__ __forceinline__ void store_p(const TP& rP, float scale0, float scale1
 // ---- the kernel ----------------------------------------------------------------------------
 
 // kPaired: the two head groups of a query are one cluster of two CTAs that share the KV fill
-// (prefill: each fetches half of every tile's rows for both by TMA multicast; FP8 decode: each
-// converts half of every tile's rows for both).
+// (FP8 only: each converts half of every tile's rows for both).
 template <Mode kMode, bool kPaired>
 __global__ void __launch_bounds__(kThreads, 1)
     sparse_mla_fwd_kernel(const __grid_constant__ Problem p) {
-  static_assert(!kPaired || kMode != Mode::kDecodeBf16, "the paged bf16 fill is not shared");
+  static_assert(!kPaired || kMode == Mode::kDecodeFp8, "only the FP8 fill is shared");
   constexpr bool kSerial = serial_schedule(kMode);
   using namespace cute;
   constexpr float kNegInf = -__builtin_huge_valf();
@@ -834,15 +772,12 @@ __global__ void __launch_bounds__(kThreads, 1)
     ClusterBarrier::init(&ss.q_ready, kProducerThreads);
     for (int b = 0; b < 2; ++b) {
       for (int h = 0; h < 2; ++h) {
-        // TMA: thread 0's arrival with the half's bytes; cp.async: every producer thread's.
-        const bool shared = shared_half(kMode, kPaired, b, h);
-        ClusterBarrier::init(&ss.ready[b][h],
-                             kMode == Mode::kPrefill && shared ? 1 : kProducerThreads);
+        ClusterBarrier::init(&ss.ready[b][h], kProducerThreads);
         // One arrival per thread of the tile's last reader (serial: both warpgroups; freed[b][1]
-        // unused); shared, also lane 0 of each warp of the peer's reader(s) of its own copy.
+        // unused); paired, also lane 0 of each warp of the peer's reader(s) of its own copy.
         // Alternating, buffer 0 half 1 also waits for WG0's P store into its RoPE block.
         const int readers = kSerial || (b == 0 && h == 1) ? 2 : 1;
-        ClusterBarrier::init(&ss.freed[b][h], readers * (128 + (shared ? 4 : 0)));
+        ClusterBarrier::init(&ss.freed[b][h], readers * (128 + (kPaired ? 4 : 0)));
       }
       ClusterBarrier::init(&ss.valid_ready[b], 2);  // lane 0 of the two warps resolving buffer b
       ClusterBarrier::init(&ss.staged[b], kProducerThreads);
@@ -963,12 +898,12 @@ __global__ void __launch_bounds__(kThreads, 1)
     warpgroup_fence_operand(rS);
   };
 
-  // A tile half is free once this CTA's reader is done and, when the half is shared, the peer's
-  // reader of its copy (the peer writes its rows into both).
-  auto free_half = [&](int b, int h) {
-    cutlass::arch::ClusterBarrier::arrive(&ss.freed[b][h]);
-    if (shared_half(kMode, kPaired, b, h) && lane == 0) {
-      arrive_in_cta(&ss.freed[b][h], cute::block_rank_in_cluster() ^ 1u);
+  // A tile half is free once this CTA's reader is done and, paired, the peer's reader of its copy
+  // (the peer writes its rows into both).
+  auto free_half = [&](uint64_t* bar) {
+    cutlass::arch::ClusterBarrier::arrive(bar);
+    if constexpr (kPaired) {
+      if (lane == 0) arrive_in_cta(bar, cute::block_rank_in_cluster() ^ 1u);
     }
   };
 
@@ -1018,7 +953,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         // d2a6110 then, bf16 decode 396 -> 417 without).
         warpgroup_wait<0>();
         warpgroup_fence_operand(rO);
-        free_half(b, 0);
+        free_half(&ss.freed[b][0]);
         if (tile + 1 < n_tiles) {
           const int nb = b ^ 1;
           tile_s(nb, nb ? buf1 : buf0, ((tile + 1) >> 1) & 1);
@@ -1059,7 +994,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         if (tile + 1 < n_tiles) convert_half1(tile + 1);
         warpgroup_wait<0>();
         warpgroup_fence_operand(rO);
-        free_half(b, 0);
+        free_half(&ss.freed[b][0]);
         if (tile + 1 < n_tiles) named_sync(kSerialPFree, kMathThreads);
       }
     }
@@ -1089,7 +1024,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         own_pv();
         warpgroup_wait<0>();
         warpgroup_fence_operand(rO);
-        free_half(0, 0);
+        free_half(&ss.freed[0][0]);
 
         // The pair's max (WG1 folds the same two maxima into its reference): rescale this tile's
         // P for WG1 and this half of O to it.
@@ -1109,7 +1044,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         // The refill of this half (after WG1's P V) overwrites the P just stored. WG1's arrival
         // alone orders it (through kPEvenReady), but racecheck reported every refill against
         // this store; this arrival, always before WG1's, orders it directly.
-        free_half(0, 1);
+        free_half(&ss.freed[0][1]);
         if (__any_sync(0xFFFFFFFFu, scale[0] != 1.0f || scale[1] != 1.0f)) {
           CUTE_UNROLL
           for (int e = 0; e < size(rO); ++e) rO(e) *= scale[(e / 2) % 2];
@@ -1123,13 +1058,13 @@ __global__ void __launch_bounds__(kThreads, 1)
           warpgroup_fence_operand(rS);
           issue_s<0, 16>(mma_s, frag_q(), frag_k(own_buf), rS, true);
           warpgroup_wait<1>();
-          free_half(1, 0);
+          free_half(&ss.freed[1][0]);
           ClusterBarrier::wait(&ss.ready[0][1], phase ^ 1);
           issue_s<16, 36>(mma_s, frag_q(), frag_k(own_buf), rS, false);
           wait_s();
         } else {
           warpgroup_wait<0>();
-          free_half(1, 0);
+          free_half(&ss.freed[1][0]);
         }
         warpgroup_fence_operand(rO);
       }
@@ -1157,10 +1092,10 @@ __global__ void __launch_bounds__(kThreads, 1)
         cutlass::arch::fence_view_async_shared();
         named_arrive(kPOddReady, kMathThreads);
         warpgroup_wait<1>();
-        free_half(1, 1);
+        free_half(&ss.freed[1][1]);
         warpgroup_wait<0>();
         warpgroup_fence_operand(rO);
-        free_half(0, 1);
+        free_half(&ss.freed[0][1]);
       }
     }
   }
@@ -1301,23 +1236,10 @@ cudaError_t launch(Problem prob, void* workspace, int64_t workspace_bytes_given,
   }
   const int64_t blocks = prob.rows * prob.head_groups * plan.splits;
   if (blocks > INT32_MAX) return cudaErrorInvalidConfiguration;
-  // Hq = 128: the two head groups share the fill (a cluster of two): prefill the gather, FP8
-  // decode the dequantisation. An empty KV (N = 0: every key masked) has no tensor map.
-  cudaError_t err;
-  if constexpr (kMode == Mode::kDecodeBf16) {
-    err = launch_forward<kMode, false>(prob, blocks, stream);
-  } else {
-    const bool paired = prob.head_groups == 2 && (kMode != Mode::kPrefill || prob.N > 0);
-    if (kMode == Mode::kPrefill && paired) {
-      const uint64_t dims[2] = {kMlaDimQK * 2, uint64_t(prob.N)};
-      const uint64_t strides[1] = {kMlaDimQK * 2};
-      const uint32_t box[2] = {128, 1};
-      err = encode_rows_map(&prob.kv_rows, prob.kv, 2, dims, strides, box, 128);
-      if (err != cudaSuccess) return err;
-    }
-    err = paired ? launch_forward<kMode, true>(prob, blocks, stream)
-                 : launch_forward<kMode, false>(prob, blocks, stream);
-  }
+  // Hq = 128 with the FP8 cache: the two head groups share the dequantisation (a cluster of two).
+  cudaError_t err = kMode == Mode::kDecodeFp8 && prob.head_groups == 2
+                        ? launch_forward<kMode, kMode == Mode::kDecodeFp8>(prob, blocks, stream)
+                        : launch_forward<kMode, false>(prob, blocks, stream);
   if (err == cudaSuccess) err = cudaGetLastError();
   if (err != cudaSuccess || plan.splits == 1) return err;
   return launch_combine(prob, stream);
