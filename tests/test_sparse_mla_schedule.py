@@ -1,12 +1,11 @@
 """The warpgroup handoffs of the sparse MLA kernel (csrc/sparse_mla/sparse_mla_sm90.cuh), replayed
-in Python under random interleavings: the alternating schedule of prefill (the math warpgroups
-take alternate tiles, the producer refills tile halves in the order they are freed) and the serial
-schedule of decode (WG0: S, softmax and its P V; WG1: the other P V from P in smem; whole tiles
-refilled), the latter with bf16 rows, FP8 rows (staged, then dequantised) and the paired FP8
-fill of Hq = 128, where the two CTAs of a cluster each convert half of every tile's rows into
-both CTAs' tiles. Modelled: the kernel's mbarriers (parity waits; the arrivals each phase
-needs), named barriers (bar.arrive / bar.sync generations) and wgmma batches (smem read from
-issue until the wait that retires them).
+in Python under random interleavings: WG0 computes S, the softmax and its P V, WG1 the other P V
+from P in smem, and the producer refills whole tiles, with bf16 rows (prefill and decode), FP8
+rows (staged, then dequantised) and the paired FP8 fill of Hq = 128, where the two CTAs of a
+cluster each convert half of every tile's rows into both CTAs' tiles. (Prefill's alternating
+schedule, replayed here until session 13, was removed from the kernel.) Modelled: the kernel's
+mbarriers (parity waits; the arrivals each phase needs), named barriers (bar.arrive / bar.sync
+generations) and wgmma batches (smem read from issue until the wait that retires them).
 
 Checked for every interleaving: no deadlock; every read (at issue and until retired) sees the
 write it is meant to see (the right tile's rows, the right tile's P, the running max after the
@@ -24,10 +23,8 @@ import random
 
 import pytest
 
-MAX_EVEN, MAX_ODD, P_EVEN, P_ODD = "max_even", "max_odd", "p_even_ready", "p_odd_ready"
-P_READY, P_FREE = "p_ready", "p_free"  # the serial schedule's two handoffs
-PAIRED_FREED_CTAS = 2  # a paired CTA's tile half is free once both CTAs' readers are done
-FREED01_ARRIVALS = 2  # alternating: buffer 0 half 1, WG1's peer P V and WG0's P store into it
+P_READY, P_FREE = "p_ready", "p_free"  # the math warpgroups' two handoffs
+PAIRED_FREED_CTAS = 2  # a paired CTA's tile buffer is free once both CTAs' readers are done
 
 
 class Hazard(AssertionError):
@@ -162,30 +159,13 @@ class Cta:
 
 
 def producer(m, n_tiles, fp8, cta):
-    """The alternating schedule's fills (prefill, bf16 rows): halves in the order they are freed."""
-    assert not fp8, "FP8 rows only come with the decode (serial) schedule"
-    order = [(0, 0), (1, 1), (0, 1), (1, 0)]  # (buffer, half) in the order they are freed
-    for pair in range((n_tiles + 1) // 2):
-        free_parity = (pair & 1) ^ 1
-        for b, h in order:
-            yield ("mb_wait", cta.at(f"freed{b}{h}"), free_parity)
-            if h == b:  # the valid words go with the first half of the buffer its reader frees
-                yield ("write", cta.at(f"valid{b}"), ("valid", 2 * pair + b))
-                yield ("mb_arrive", cta.at(f"valid_ready{b}"))
-            for r in cta.half(b, h):
-                yield ("write", r, ("kv", 2 * pair + b))
-            yield ("mb_arrive", cta.at(f"ready{b}{h}"))
-
-
-def producer_serial(m, n_tiles, fp8, cta):
-    """The serial schedule's fills (decode): whole tiles, buffer b once both P V of its previous
-    tile are done (freed{b}0). FP8: staged, then half 0 dequantised (half 1 is WG1's, once
+    """Whole tiles, buffer b once both P V of its previous tile are done (freed{b}). FP8: staged, then half 0 dequantised (half 1 is WG1's, once
     `staged` says the bytes landed); paired: this CTA's rows into both CTAs' tiles."""
     own = (cta.c,) if cta.paired else cta.rows
 
     def claim(tile):
         b = tile & 1
-        yield ("mb_wait", cta.at(f"freed{b}0"), ((tile >> 1) & 1) ^ 1)
+        yield ("mb_wait", cta.at(f"freed{b}"), ((tile >> 1) & 1) ^ 1)
         yield ("write", cta.at(f"valid{b}"), ("valid", tile))
         yield ("mb_arrive", cta.at(f"valid_ready{b}"))
 
@@ -229,11 +209,11 @@ def kv(cta, b, h, t):
     return [(r, ("kv", t)) for r in cta.half(b, h)]
 
 
-def free(cta, b, h):
-    """A reader done with buffer b, half h; paired, the peer's producer writes there too."""
-    yield ("mb_arrive", cta.at(f"freed{b}{h}"))
+def free(cta, b):
+    """A reader done with buffer b; paired, the peer's producer writes there too."""
+    yield ("mb_arrive", cta.at(f"freed{b}"))
     if cta.paired:
-        yield ("mb_arrive_peer", cta.at(f"freed{b}{h}", cta.peer))
+        yield ("mb_arrive_peer", cta.at(f"freed{b}", cta.peer))
 
 
 def tile_s(cta, b, t, phase):
@@ -245,68 +225,6 @@ def tile_s(cta, b, t, phase):
 
 
 def math_wg0(m, n_tiles, cta):
-    at = cta.at
-    n_pairs = (n_tiles + 1) // 2
-    if n_pairs:
-        yield from tile_s(cta, 0, 0, 0)
-    for pair in range(n_pairs):
-        even, odd, phase = 2 * pair, 2 * pair + 1, pair & 1
-        yield ("mb_wait", at("valid_ready0"), phase)
-        yield ("read", at("valid0"), ("valid", even))
-        yield ("write", at("m_from_wg0"), ("m", even))
-        yield ("bar_arrive", at(MAX_EVEN))
-        yield ("issue", [(r, ("kv", even)) for r in cta.latent(0, 0, cta.rows)])  # own P V
-        yield ("retire", 0)
-        yield from free(cta, 0, 0)
-        yield ("bar_sync", at(MAX_ODD))
-        yield ("read", at("m_from_wg1"), ("tile_max", odd))
-        yield ("write", at("k0rope"), ("P", even))             # P of the even tile, RoPE block
-        yield ("bar_arrive", at(P_EVEN))
-        yield from free(cta, 0, 1)  # the refill of that half also waits for the P store
-        yield ("bar_sync", at(P_ODD))
-        yield ("issue", [(at("p_odd"), ("P", odd))]
-               + [(r, ("kv", odd)) for r in cta.latent(1, 0, cta.rows)])  # peer P V
-        if pair + 1 < n_pairs:
-            yield ("mb_wait", at("ready00"), phase ^ 1)
-            yield ("issue", kv(cta, 0, 0, even + 2))
-            yield ("retire", 1)
-            yield from free(cta, 1, 0)
-            yield ("mb_wait", at("ready01"), phase ^ 1)
-            yield ("issue", kv(cta, 0, 1, even + 2))
-            yield ("retire", 0)
-        else:
-            yield ("retire", 0)
-            yield from free(cta, 1, 0)
-
-
-def math_wg1(m, n_tiles, cta):
-    at = cta.at
-    for pair in range((n_tiles + 1) // 2):
-        even, odd, phase = 2 * pair, 2 * pair + 1, pair & 1
-        yield ("mb_wait", at("ready11"), phase)
-        yield ("issue", kv(cta, 1, 1, odd))
-        yield ("mb_wait", at("ready10"), phase)
-        yield ("issue", kv(cta, 1, 0, odd))
-        yield ("retire", 0)
-        yield ("mb_wait", at("valid_ready1"), phase)
-        yield ("read", at("valid1"), ("valid", odd))
-        yield ("write", at("m_from_wg1"), ("tile_max", odd))
-        yield ("bar_arrive", at(MAX_ODD))
-        yield ("bar_sync", at(MAX_EVEN))
-        yield ("read", at("m_from_wg0"), ("m", even))
-        yield ("issue", [(r, ("kv", odd)) for r in cta.latent(1, 1, cta.rows)])  # own P V
-        yield ("write", at("p_odd"), ("P", odd))
-        yield ("bar_sync", at(P_EVEN))
-        yield ("issue", [(at("k0rope"), ("P", even))]
-               + [(r, ("kv", even)) for r in cta.latent(0, 1, cta.rows)])  # peer P V
-        yield ("bar_arrive", at(P_ODD))
-        yield ("retire", 1)
-        yield from free(cta, 1, 1)
-        yield ("retire", 0)
-        yield from free(cta, 0, 1)
-
-
-def math_wg0_serial(m, n_tiles, cta):
     at = cta.at
     if n_tiles:
         yield from tile_s(cta, 0, 0, 0)
@@ -321,12 +239,12 @@ def math_wg0_serial(m, n_tiles, cta):
         yield ("bar_sync", at(P_READY))
         yield ("issue", [(r, ("kv", t)) for r in cta.latent(b, 0, cta.rows)])  # own P V
         yield ("retire", 0)
-        yield from free(cta, b, 0)  # before waiting for the next tile
+        yield from free(cta, b)  # before waiting for the next tile
         if t + 1 < n_tiles:
             yield from tile_s(cta, b ^ 1, t + 1, ((t + 1) >> 1) & 1)
 
 
-def math_wg1_serial(m, n_tiles, cta, fp8):
+def math_wg1(m, n_tiles, cta, fp8):
     at = cta.at
 
     def convert(tile):  # FP8: half 1 of the next tile, during the P V of this one
@@ -345,39 +263,34 @@ def math_wg1_serial(m, n_tiles, cta, fp8):
         if t + 1 < n_tiles:
             yield from convert(t + 1)  # while the P V runs
         yield ("retire", 0)
-        yield from free(cta, b, 0)
+        yield from free(cta, b)
         if t + 1 < n_tiles:
             yield ("bar_sync", at(P_FREE))
 
 
-FILLS = {  # fill -> (schedule, FP8 rows, paired CTAs), as the kernel instantiates them
-    "prefill-bf16": ("alternating", False, False),
-    "decode-bf16": ("serial", False, False),
-    "decode-fp8": ("serial", True, False),
-    "decode-fp8-paired": ("serial", True, True),
+FILLS = {  # fill -> (FP8 rows, paired CTAs), as the kernel instantiates them
+    "bf16": (False, False),  # prefill and bf16 decode
+    "fp8": (True, False),
+    "fp8-paired": (True, True),
 }
 
 
 def run(n_tiles, fill, rng, racecheck_rules=True):
-    schedule, fp8, paired = FILLS[fill]
-    serial = schedule == "serial"
+    fp8, paired = FILLS[fill]
     ctas = [Cta(c, paired) for c in ((0, 1) if paired else (0,))]
-    # A tile half is free once its last reader(s) are done (serial: both warpgroups, freed{b}0
-    # for the whole buffer); paired, in both CTAs (128 local threads + 4 remote warps per
-    # reader), and ready once both producers delivered their rows (128 local arrivals, one of
-    # them expecting the peer's st.async bytes).
-    readers = 2 if serial else 1
-    need = {"ready": 2 if paired else 1, "freed": readers * (PAIRED_FREED_CTAS if paired else 1)}
-    m = Machine({cta.at(f"{kind}{b}{h}"): need[kind] for cta in ctas for kind in need
-                 for b in (0, 1) for h in (0, 1)}, racecheck_rules)
-    if not serial:
-        m.need[ctas[0].at("freed01")] = FREED01_ARRIVALS
+    # A tile buffer is free once both warpgroups' P V of its tile are done; paired, in both CTAs
+    # (128 local threads + 4 remote warps per warpgroup), and a half is ready once both producers
+    # delivered their rows (128 local arrivals, one of them expecting the peer's st.async bytes).
+    need = {"freed": 2 * (PAIRED_FREED_CTAS if paired else 1)}
+    m = Machine({cta.at(f"freed{b}"): need["freed"] for cta in ctas for b in (0, 1)},
+                racecheck_rules)
+    m.need.update({cta.at(f"ready{b}{h}"): 2 if paired else 1 for cta in ctas for b in (0, 1)
+                   for h in (0, 1)})
     roles = {}
     for cta in ctas:
-        roles[cta.at("producer")] = (producer_serial if serial else producer)(m, n_tiles, fp8, cta)
-        roles[cta.at("wg0")] = (math_wg0_serial if serial else math_wg0)(m, n_tiles, cta)
-        roles[cta.at("wg1")] = (math_wg1_serial(m, n_tiles, cta, fp8) if serial
-                                else math_wg1(m, n_tiles, cta))
+        roles[cta.at("producer")] = producer(m, n_tiles, fp8, cta)
+        roles[cta.at("wg0")] = math_wg0(m, n_tiles, cta)
+        roles[cta.at("wg1")] = math_wg1(m, n_tiles, cta, fp8)
     blocked = {}  # role -> the action it waits on
     steps = 0
     while roles:
@@ -434,7 +347,7 @@ def test_handoffs_hold_under_random_interleavings(n_tiles, fill):
         run(n_tiles, fill, rng)
 
 
-def assert_mutant_caught(mutants, n_tiles, seed, fill="prefill-bf16", error=Hazard):
+def assert_mutant_caught(mutants, n_tiles, seed, fill="bf16", error=Hazard):
     """Runs with the actions of each role in `mutants` (role: a generator function of this module)
     passed through its mutation; the checker must raise `error`. The racecheck rules apply only
     when `error` is theirs, so that a protocol mutant is caught by the protocol checks."""
@@ -464,22 +377,22 @@ def arriving_at(bid):
 
 
 def test_the_checker_catches_a_missing_handoff():
-    """WG1 reading the running max without waiting for WG0's bar.arrive must be caught."""
-    assert_mutant_caught({"math_wg1": dropping(lambda act: act == ("bar_sync", "0:" + MAX_EVEN))},
-                         4, 7)
+    """WG1 reading alpha and P without waiting for WG0's handoff (bar.arrive instead of its
+    bar.sync at P_READY) must be caught."""
+    assert_mutant_caught({"math_wg1": arriving_at(P_READY)}, 4, 7)
 
 
 def test_the_checker_catches_an_early_refill():
-    """A producer that refills buffer 0's second half without waiting for WG1's peer P V to free
-    it overwrites P of the even tile (or V) while it is still read."""
-    assert_mutant_caught({"producer": dropping(lambda act: act[:2] == ("mb_wait", "0:freed01"))},
+    """A producer that refills buffer 0 without waiting for both P V of its tile to free it
+    overwrites V while it is still read."""
+    assert_mutant_caught({"producer": dropping(lambda act: act[:2] == ("mb_wait", "0:freed0"))},
                          6, 11)
 
 
 def test_the_checker_catches_an_early_p_overwrite():
-    """Serial: WG0 writing P of the next tile without waiting for WG1 to be done with this one
-    (bar.arrive instead of its bar.sync, so that WG1 is not left waiting: no deadlock)."""
-    assert_mutant_caught({"math_wg0_serial": arriving_at(P_FREE)}, 5, 17, "decode-bf16")
+    """WG0 writing P of the next tile without waiting for WG1 to be done with this one (bar.arrive
+    instead of its bar.sync, so that WG1 is not left waiting: no deadlock)."""
+    assert_mutant_caught({"math_wg0": arriving_at(P_FREE)}, 5, 17)
 
 
 def test_the_checker_catches_a_paired_refill_before_the_peer_read(monkeypatch):
@@ -487,41 +400,13 @@ def test_the_checker_catches_a_paired_refill_before_the_peer_read(monkeypatch):
     producer writes its rows into this CTA's tile while this CTA's wgmma still reads them."""
     monkeypatch.setattr(__import__(__name__), "PAIRED_FREED_CTAS", 1)
     assert_mutant_caught({"free": dropping(lambda act: act[0] == "mb_arrive_peer")}, 6, 13,
-                         "decode-fp8-paired")
+                         "fp8-paired")
 
 
-@pytest.mark.parametrize("fill", ["decode-bf16", "decode-fp8"])
-def test_racecheck_rule_flags_one_sided_serial_handoffs(fill):
-    """The serial handoffs as they were until b9464c9, bar.arrive on the writer's side: correct
-    (no other check fails), but WG0 rewrote alpha past as many bar.syncs as WG1 had passed when
-    it read it, which racecheck reported."""
-    assert_mutant_caught({"math_wg0_serial": arriving_at(P_READY),
-                          "math_wg1_serial": arriving_at(P_FREE)}, 4, 5, fill,
-                         error=RacecheckBlind)
-
-
-def test_racecheck_rule_flags_the_pair_max_written_after_the_peer_barrier():
-    """The alternating schedule until b9464c9: WG1 published the pair max after its bar.sync on
-    kMaxEvenReady, which WG0 read past its first bar.sync of the pair, as many as WG1 had: correct,
-    and reported by racecheck."""
-    def late_publish(acts):
-        held = []
-        for act in acts:
-            if act[:2] == ("write", "0:m_from_wg1") or act == ("bar_arrive", "0:" + MAX_ODD):
-                held.append(act)
-                continue
-            yield act
-            if act[:2] == ("read", "0:m_from_wg0"):
-                yield from held
-                held.clear()
-
-    assert_mutant_caught({"math_wg1": late_publish}, 4, 3, error=RacecheckBlind)
-
-
-def test_racecheck_rule_flags_a_refill_released_only_through_the_peer(monkeypatch):
-    """Until 997cbce only WG1 arrived on buffer 0 half 1's free barrier: the refill waited for
-    the P store WG0 made in its RoPE block only through WG1 (kPEvenReady, then WG1's arrival).
-    Correct, but racecheck reported every refill against that store."""
-    monkeypatch.setattr(__import__(__name__), "FREED01_ARRIVALS", 1)
-    assert_mutant_caught({"math_wg0": dropping(lambda act: act == ("mb_arrive", "0:freed01"))},
-                         6, 9, error=RacecheckBlind)
+@pytest.mark.parametrize("fill", ["bf16", "fp8"])
+def test_racecheck_rule_flags_one_sided_handoffs(fill):
+    """The handoffs as they were until b9464c9, bar.arrive on the writer's side: correct (no
+    other check fails), but WG0 rewrote alpha past as many bar.syncs as WG1 had passed when it
+    read it, which racecheck reported."""
+    assert_mutant_caught({"math_wg0": arriving_at(P_READY), "math_wg1": arriving_at(P_FREE)},
+                         4, 5, fill, error=RacecheckBlind)

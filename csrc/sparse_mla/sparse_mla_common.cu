@@ -74,8 +74,8 @@ SplitPlan plan_splits(int64_t rows, int Hq, int topk, int num_sms) {
   if (ctas <= 0 || ctas >= num_sms || tiles < 2 * kMinTilesPerSplit) return {1, tiles};
   const int splits = std::min<int64_t>(num_sms / ctas, tiles / kMinTilesPerSplit);
   if (splits <= 1) return {1, tiles};
-  // Whole tile pairs per split (the math warpgroups take alternate tiles): no phantom odd tile
-  // except at the end of the top-k.
+  // Whole tile pairs per split (the producer resolves a pair's indices at once, one tile per
+  // buffer), but for the last.
   const int per_split = ((tiles + splits - 1) / splits + 1) & ~1;
   return {(tiles + per_split - 1) / per_split, per_split};  // no empty split
 }

@@ -13,24 +13,19 @@
 //   own ready mbarrier), and two math warpgroups (216 registers), each owning half of O's 512
 //   columns (128 accumulator registers). S = Q K^T is always one warpgroup's 64 x 64 wgmma
 //   (N = 64: the Q operand is read from smem once per 64 keys, so S runs at the tensor rate, not
-//   at smem bandwidth). Two schedules share this:
-// - Alternating (prefill): the math warpgroups take alternate tiles (even tiles in buffer 0, odd
-//   in buffer 1); each computes S of its tile while the other runs its softmax or P V, and
-//   multiplies both tiles' P into its O columns: its own P from registers, the other's from
-//   smem. The running row max is handed between them through smem once per tile, in tile order
-//   (WG0's max of the even tile feeds WG1's softmax of the odd one, whose max WG0 then uses to
-//   rescale its P and O), so both halves of O and both row sums share one reference. P of the
-//   even tile goes to smem in the RoPE block of its own buffer (no longer read once S is done),
-//   P of the odd tile to its own 8 KB. The producer refills each tile half as soon as its last
-//   reader frees it. The halves the other warpgroup reads for its P V are freed at the end of a
-//   pair and needed right after: their refill is exposed, cheap when rows come from L2.
-// - Serial (decode): WG0 computes S of every tile, the softmax (the only running max) and the
-//   P V of columns 0-255 from registers, and hands P and the rescale factor through smem to WG1,
+//   at smem bandwidth).
+// - The schedule: WG0 computes S of every tile, the softmax (the only running max) and the P V
+//   of columns 0-255 from registers, and hands P and the rescale factor through smem to WG1,
 //   which multiplies them into columns 256-511 while WG0 starts S of the next tile. A buffer is
 //   refilled whole once both P V of its tile are done, a tile of compute before WG0 needs it:
 //   room for rows that come from HBM (decode rows are read once). FP8 rows must also be
 //   dequantised after they land: the producer dequantises half 0, WG1 (otherwise idle between
 //   its P V) half 1, while its P V of the tile before runs.
+// - Prefill ran a second schedule until session 13: the math warpgroups took alternate tiles,
+//   each multiplying both tiles' P into its O columns, with the row max handed over every tile.
+//   Half of each refill was then needed right after it was freed. This one measured the same or
+//   better on the H200 (prefill Hq = 128 450.7 against 449.8 TFLOP/s in one call, Hq = 16 and 64
+//   +1 to +3 % over the sweep; bench/NOTES.md), with one set of handoffs instead of two.
 // - Q 72 KB + 2 x 72 KB tiles + 8 KB of P = the 227 KB an sm_90 CTA may use.
 // - The KV tile is stored once, row-major [key][576] in 128-byte-swizzled 8x64 atoms; the same
 //   bytes are the K-major B operand of Q K^T and the MN-major B operand of P V (V^T view), so
@@ -49,11 +44,10 @@
 //   handed over is written before the writer's next bar.sync and read after the reader's, the
 //   one warpgroup-local sync (WG1's FP8 staging) is an mbarrier, and smem a math warpgroup
 //   writes that the producer refills is released by that warpgroup's own mbarrier arrival.
-//   tests/test_sparse_mla_schedule.py replays both schedules on the CPU under random
+//   tests/test_sparse_mla_schedule.py replays the schedule on the CPU under random
 //   interleavings; a change to the handoff order must be mirrored there.
 // - Masked keys (-1, out of [0, N), positions past the block table or pages outside the cache,
-//   the tail past topk, the alternating schedule's missing odd tile) become zero rows and -inf
-//   scores: nothing outside the tensors is ever read, and 0 * garbage can never make a NaN.
+//   the tail past topk) become zero rows and -inf scores: nothing outside the tensors is ever read, and 0 * garbage can never make a NaN.
 // - Split-k (small batches): CTAs of one (query, head group) take disjoint tile ranges and write
 //   normalised fp32 partial outputs + lse to a workspace the op layer allocates; a second kernel
 //   merges them in a fixed order. The split count depends on shapes and the SM count only, so a
@@ -143,19 +137,19 @@ constexpr int kRopeBlock = kColBlocks - 1;
 struct SharedStorage {
   uint16_t q[kTileElems];                   // offset 0
   uint16_t kv[2][kTileElems];               // offset 73728: buffer b holds tiles of parity b
-  uint16_t p_odd[kHeadsPerCta * kBlockKeys];  // offset 221184 (P of the even tile: kv[0]'s RoPE)
+  uint16_t p[kHeadsPerCta * kBlockKeys];    // offset 221184: P of a tile, WG0 -> WG1
   int64_t rows[2][2][kBlockKeys];           // [pair % 2][buffer][key]: KV row, -1 masked
   uint32_t valid[2][2];                     // [buffer][word]: bit k of word w = key 32 w + k
   float row_exchange[3][kHeadsPerCta];      // [ExchangeSlot][head row]: per-row values handed
                                             // between the math warpgroups
   uint64_t q_ready;
   uint64_t ready[2][2];                     // [buffer][half]: filled (producer -> math)
-  uint64_t freed[2][2];                     // [buffer][half]: last reader done (math -> producer)
+  uint64_t freed[2];                        // [buffer]: both P V of its tile done (math -> producer)
   uint64_t valid_ready[2];                  // [buffer]: valid words of the current tile
   uint64_t staged[2];                       // [buffer]: FP8 raw bytes landed (producer -> WG1)
   uint64_t wg1_staging_read;                // FP8: WG1 read its half's staged bytes (WG1 only)
 };
-static_assert(offsetof(SharedStorage, kv) % 1024 == 0 && offsetof(SharedStorage, p_odd) % 1024 == 0,
+static_assert(offsetof(SharedStorage, kv) % 1024 == 0 && offsetof(SharedStorage, p) % 1024 == 0,
               "swizzled tiles need 1024-byte alignment");
 static_assert(offsetof(SharedStorage, q_ready) % 8 == 0, "mbarriers are 8-byte words");
 constexpr int kSmemBytes = int(sizeof(SharedStorage));
@@ -166,26 +160,18 @@ __device__ __forceinline__ uint32_t tile_chunk_offset(int r, int c) {
   return uint32_t((c >> 3) * 4096 + r * 64 + (((c & 7) ^ (r & 7)) << 3));
 }
 
-// Slots of row_exchange. Loop: kFromWg0 carries WG0 -> WG1 the running max after the even tile
-// (alternating) or the tile's alpha (serial); kFromWg1 carries WG1 -> WG0 the odd tile's own row
-// max (alternating). Epilogue: kFromWg1 and kEpilogue hold the two warpgroups' row sums
-// (alternating: WG1's and WG0's) or WG0's row sum and row max (serial). WG1 reuses kFromWg1 only
-// after WG0's last read of it (WG1 reaches the epilogue past kPEvenReady, which WG0 arrives at
-// after that read); the serial epilogue avoids kFromWg0, which WG1 may still be reading.
-enum ExchangeSlot : int { kFromWg0 = 0, kFromWg1 = 1, kEpilogue = 2 };
+// Slots of row_exchange, WG0 -> WG1: the rescale factor of a tile (kAlpha), and in the epilogue
+// WG0's row sums and row maxima. The epilogue's slots are not kAlpha, which WG1 may still be
+// reading for the last tile when WG0 writes them.
+enum ExchangeSlot : int { kAlpha = 0, kRowSum = 1, kRowMax = 2 };
 
-// Named barriers (0 is __syncthreads). Each is used once per tile pair, by 256 math threads: one
-// warpgroup arrives, the other waits (alternating), or both wait (serial, see the kernel).
+// Named barriers (0 is __syncthreads). The two handoffs are passed by all 256 math threads, with
+// bar.sync on both sides (see the kernel).
 enum NamedBarrierId : uint32_t {
-  kMaxEvenReady = 1,  // WG0 -> WG1: running max after the even tile
-  kMaxOddReady = 2,   // WG1 -> WG0: the odd tile's own row max
-  kPEvenReady = 3,    // WG0 -> WG1: P of the even tile in smem
-  kPOddReady = 4,     // WG1 -> WG0: P of the odd tile in smem
-  kProducerSync = 5,  // producer warpgroup: row ids written, FP8 staging landed / read
-  kRowSums = 6,       // epilogue: both warpgroups' row sums in smem
-  // The serial schedule (decode) uses 1 and 2 instead as:
-  kSerialPReady = 1,  // WG0 -> WG1: P and alpha of a tile in smem
-  kSerialPFree = 2,   // WG1 -> WG0: done with them
+  kPReady = 1,        // WG0 -> WG1: P and alpha of a tile in smem
+  kPFree = 2,         // WG1 -> WG0: done with them
+  kProducerSync = 3,  // producer warpgroup: row ids written, FP8 staging landed / read
+  kRowSums = 4,       // epilogue: WG0's row sums in smem; then the staged O
 };
 
 // The same value, but the compiler may not assume so: address arithmetic derived from it stays at
@@ -204,10 +190,6 @@ __device__ __forceinline__ int opaque(int v) {
 
 __device__ __forceinline__ void named_sync(uint32_t id, uint32_t threads) {
   asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
-}
-
-__device__ __forceinline__ void named_arrive(uint32_t id, uint32_t threads) {
-  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
 }
 
 // Paired CTAs (one cluster) write into each other's smem and arrive on each other's mbarriers:
@@ -246,11 +228,6 @@ __device__ __forceinline__ void wait_cluster(uint64_t* bar, uint32_t phase) {
 // ---- problem -------------------------------------------------------------------------------
 
 enum class Mode { kPrefill, kDecodeBf16, kDecodeFp8 };
-
-// Decode runs the serial schedule (WG0: S, softmax and its P V; WG1: the other P V; whole tiles
-// refilled a tile ahead), prefill the alternating one (the warpgroups take alternate tiles). See
-// the kernel.
-constexpr bool serial_schedule(Mode mode) { return mode != Mode::kPrefill; }
 
 // Everything a CTA needs, for both ops. Query row `r` is prefill's s or decode's b * next_n + j.
 struct Problem {
@@ -554,17 +531,14 @@ __device__ __forceinline__ void copy_fp8_rope(uint32_t dst_tile, const uint8_t* 
   }
 }
 
-// Producer warpgroup: Q once, then per tile pair (even tile -> buffer 0, odd -> buffer 1) the
-// tiles in the order the schedule frees them (alternating: four halves, each as it is freed;
-// serial: whole tiles, FP8 staged and half 0 dequantised). Thread pt resolves key pt % 64 of the
-// pair's tile pt / 64 (a software pipeline: the index of pair j + 1 and the block-table entry of
-// its position are loaded one pair ahead, so no dependent load stalls a fill).
+// Producer warpgroup: Q once, then the tiles in order as their buffers are freed (even tiles ->
+// buffer 0, odd -> buffer 1; FP8: staged, half 0 dequantised). Thread pt resolves key pt % 64 of
+// the pair's tile pt / 64 (a software pipeline: the index of pair j + 1 and the block-table entry
+// of its position are loaded one pair ahead, so no dependent load stalls a fill).
 template <Mode kMode, bool kPaired>
 __device__ __forceinline__ void producer(const Problem& p, SharedStorage& ss, int64_t qrow,
                                          int head0, int heads, int64_t key0, int n_tiles, int pt) {
   constexpr bool kFp8 = kMode == Mode::kDecodeFp8;
-  constexpr bool kSerial = serial_schedule(kMode);
-  static_assert(kSerial || !kFp8, "FP8 rows are filled by the serial schedule only");
   constexpr int64_t kRowBytes = kFp8 ? kMlaFp8RowBytes : kMlaDimQK * 2;
   const void* fallback = p.q;
   {
@@ -613,18 +587,18 @@ __device__ __forceinline__ void producer(const Problem& p, SharedStorage& ss, in
       cutlass::arch::ClusterBarrier::arrive(&ss.valid_ready[b]);
     }
   };
-  auto wait_free = [&](uint64_t* bar, uint32_t phase) {
+  auto wait_free = [&](int b, uint32_t phase) {
     if constexpr (kPaired) {
-      wait_cluster(bar, phase);  // both CTAs' readers are done
+      wait_cluster(&ss.freed[b], phase);  // both CTAs' readers are done
     } else {
-      cutlass::arch::ClusterBarrier::wait(bar, phase);
+      cutlass::arch::ClusterBarrier::wait(&ss.freed[b], phase);
     }
   };
   // The k-th fill of a buffer waits for the (k-1)-th free: parity (k & 1) ^ 1, where a fresh
   // barrier's previous phase counts as done.
 
   if constexpr (kFp8) {
-    // Decode, FP8 (serial schedule): a tile is staged as soon as its buffer is free (a tile of
+    // Decode, FP8: a tile is staged as soon as its buffer is free (a tile of
     // math before its S), then the producer dequantises half 0 as soon as it lands and WG1 half
     // 1 (during its P V of the tile before, `staged` says the bytes have landed). Staging tile
     // t + 1 before dequantising tile t instead (f0c3fd5) gates each conversion on the next free:
@@ -636,7 +610,7 @@ __device__ __forceinline__ void producer(const Problem& p, SharedStorage& ss, in
     auto stage_tile = [&](int tile) {
       const int pair = tile >> 1, b = tile & 1;
       if (b == 0) valid_bits = resolve_pair(pair);
-      wait_free(&ss.freed[b][0], (pair & 1) ^ 1);
+      wait_free(b, (pair & 1) ^ 1);
       publish_valid(b, valid_bits);
       const uint32_t dst = smem_kv0 + b * kTileBytes;
       const int64_t* rows = ss.rows[pair & 1][b];
@@ -655,39 +629,20 @@ __device__ __forceinline__ void producer(const Problem& p, SharedStorage& ss, in
     }
   } else {
     // bf16 rows: cp.async, the ready mbarrier completes when they land (nothing to wait for).
+    // Whole tiles: buffer b is free once both P V of its previous tile are done.
     for (int pair = 0; pair < n_pairs; ++pair) {
-      const int slot = pair & 1;
-      const uint32_t free_phase = (pair & 1) ^ 1;
       const uint32_t valid_bits = resolve_pair(pair);
-      auto copy_half = [&](auto b, auto h) {
-        copy_bf16_half<h>(smem_kv0 + b * kTileBytes, p.kv, kRowBytes, ss.rows[slot][b], fallback,
-                          pt);
-        cutlass::arch::cpasync_barrier_arrive_noinc(&ss.ready[b][h]);
-      };
-      using cute::Int;
-      if constexpr (kSerial) {
-        // Whole tiles: buffer b is free once both P V of its previous tile are done
-        // (freed[b][0]). No phantom odd tile in this schedule.
-        auto fill_tile = [&](auto b) {
-          wait_free(&ss.freed[b][0], free_phase);
-          publish_valid(b, valid_bits);
-          copy_half(b, Int<0>{});
-          copy_half(b, Int<1>{});
-        };
-        fill_tile(Int<0>{});
-        if (2 * pair + 1 < n_tiles) fill_tile(Int<1>{});
-      } else {
-        // The order the math warpgroups release them: WG0 frees buffer 0 half 0 after its own
-        // P V, WG1 buffer 1 half 1 after its own, then each the other's buffer after the peer P V.
-        constexpr int kFillBuffer[4] = {0, 1, 0, 1};
-        constexpr int kFillHalf[4] = {0, 1, 1, 0};
-        cute::for_each(cute::make_int_sequence<4>{}, [&](auto f) {
-          constexpr int b = kFillBuffer[f], h = kFillHalf[f];
-          wait_free(&ss.freed[b][h], free_phase);
-          if (h == b) publish_valid(b, valid_bits);
-          copy_half(Int<b>{}, Int<h>{});
+      auto fill_tile = [&](auto b) {
+        wait_free(b, (pair & 1) ^ 1);
+        publish_valid(b, valid_bits);
+        cute::for_each(cute::make_int_sequence<2>{}, [&](auto h) {
+          copy_bf16_half<h>(smem_kv0 + b * kTileBytes, p.kv, kRowBytes, ss.rows[pair & 1][b],
+                            fallback, pt);
+          cutlass::arch::cpasync_barrier_arrive_noinc(&ss.ready[b][h]);
         });
-      }
+      };
+      fill_tile(cute::Int<0>{});
+      if (2 * pair + 1 < n_tiles) fill_tile(cute::Int<1>{});
     }
   }
   cute::cp_async_wait<0>();
@@ -720,16 +675,14 @@ __device__ __forceinline__ void issue_pv(Mma& mma, const TA& tA, const TB& tB, T
 
 // P (64 x 64, bf16 pairs from the S accumulator layout) into a swizzled P tile.
 template <class TP>
-__device__ __forceinline__ void store_p(const TP& rP, float scale0, float scale1, uint32_t dst,
-                                        int row_in_wg, int lane) {
+__device__ __forceinline__ void store_p(const TP& rP, uint32_t dst, int row_in_wg, int lane) {
   CUTE_UNROLL
   for (int e = 0; e < cute::size(rP); e += 2) {
-    const float s = (e / 2) % 2 ? scale1 : scale0;
     const int r = row_in_wg + 8 * ((e / 2) % 2);
     const int col = 8 * (e / 4) + 2 * (lane % 4);
     const uint32_t off = r * 64 + (((col >> 3) ^ (r & 7)) << 3) + (col & 7);
     asm volatile("st.shared.u32 [%0], %1;\n" ::"r"(dst + 2 * off),
-                 "r"(pack_bf16x2(rP(e) * s, rP(e + 1) * s))
+                 "r"(pack_bf16x2(rP(e), rP(e + 1)))
                  : "memory");
   }
 }
@@ -742,7 +695,6 @@ template <Mode kMode, bool kPaired>
 __global__ void __launch_bounds__(kThreads, 1)
     sparse_mla_fwd_kernel(const __grid_constant__ Problem p) {
   static_assert(!kPaired || kMode == Mode::kDecodeFp8, "only the FP8 fill is shared");
-  constexpr bool kSerial = serial_schedule(kMode);
   using namespace cute;
   constexpr float kNegInf = -__builtin_huge_valf();
 
@@ -765,20 +717,15 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int tile0 = split * p.tiles_per_split;
   const int n_tiles = min(p.tiles_per_split, (p.topk + kBlockKeys - 1) / kBlockKeys - tile0);
   const int64_t key0 = int64_t(tile0) * kBlockKeys;
-  const int n_pairs = (n_tiles + 1) / 2;
 
   if (tid == 0) {
     using cutlass::arch::ClusterBarrier;
     ClusterBarrier::init(&ss.q_ready, kProducerThreads);
     for (int b = 0; b < 2; ++b) {
-      for (int h = 0; h < 2; ++h) {
-        ClusterBarrier::init(&ss.ready[b][h], kProducerThreads);
-        // One arrival per thread of the tile's last reader (serial: both warpgroups; freed[b][1]
-        // unused); paired, also lane 0 of each warp of the peer's reader(s) of its own copy.
-        // Alternating, buffer 0 half 1 also waits for WG0's P store into its RoPE block.
-        const int readers = kSerial || (b == 0 && h == 1) ? 2 : 1;
-        ClusterBarrier::init(&ss.freed[b][h], readers * (128 + (kPaired ? 4 : 0)));
-      }
+      for (int h = 0; h < 2; ++h) ClusterBarrier::init(&ss.ready[b][h], kProducerThreads);
+      // One arrival per thread of both math warpgroups; paired, also lane 0 of each warp of the
+      // peer's (it reads the rows this CTA converts).
+      ClusterBarrier::init(&ss.freed[b], 2 * (128 + (kPaired ? 4 : 0)));
       ClusterBarrier::init(&ss.valid_ready[b], 2);  // lane 0 of the two warps resolving buffer b
       ClusterBarrier::init(&ss.staged[b], kProducerThreads);
     }
@@ -808,12 +755,9 @@ __global__ void __launch_bounds__(kThreads, 1)
   // Operand descriptors are rebuilt at each use from an opaque pointer: hoisted out of the loop,
   // the 84 64-bit descriptors of Q, K, V and P would hold registers the accumulators need.
   bf16* const q_ptr = reinterpret_cast<bf16*>(ss.q);
-  // S of this warpgroup's tiles (buffer wg), and this warpgroup's 256 V columns of both buffers.
-  bf16* const own_buf = reinterpret_cast<bf16*>(ss.kv[wg]);
-  bf16* const peer_buf = reinterpret_cast<bf16*>(ss.kv[wg ^ 1]);
-  bf16* const p_even = reinterpret_cast<bf16*>(ss.kv[0]) + kRopeBlock * kBlockElems;
-  bf16* const p_odd = reinterpret_cast<bf16*>(ss.p_odd);
-  bf16* const peer_p = wg == 0 ? p_odd : p_even;
+  bf16* const buf0 = reinterpret_cast<bf16*>(ss.kv[0]);
+  bf16* const buf1 = reinterpret_cast<bf16*>(ss.kv[1]);
+  bf16* const p_ptr = reinterpret_cast<bf16*>(ss.p);
   auto frag_q = [&] {
     return thr_s.partition_fragment_A(make_tensor(make_smem_ptr(opaque(q_ptr)), SmemLayoutQ{}));
   };
@@ -825,12 +769,10 @@ __global__ void __launch_bounds__(kThreads, 1)
     return thr.partition_fragment_B(
         local_tile(v, Shape<Int<kVColsPerWg>, _64>{}, make_coord(wg, _0{})));
   };
-  // P tile in smem as the A operand of a P V (alternating: the peer's P; serial: WG0's, p_odd).
-  auto frag_p = [&](bf16* p_tile) {
-    return thr_peer.partition_fragment_A(make_tensor(make_smem_ptr(opaque(p_tile)), SmemLayoutP{}));
+  // WG0's P in smem as WG1's A operand.
+  auto frag_p = [&] {
+    return thr_peer.partition_fragment_A(make_tensor(make_smem_ptr(opaque(p_ptr)), SmemLayoutP{}));
   };
-  const uint32_t smem_p_odd = cute::cast_smem_ptr_to_uint(p_odd);
-  const uint32_t smem_p_own = cute::cast_smem_ptr_to_uint(wg == 0 ? p_even : p_odd);
 
   Tensor rS = partition_fragment_C(mma_s, Shape<_64, _64>{});  // S, then P in fp32
   Tensor rP = make_tensor<bf16>(partition_shape_A(mma_own, Shape<_64, _64>{}));
@@ -843,7 +785,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int row_in_wg = 16 * (warp % 4) + lane / 4;
   const float scale_log2 = p.sm_scale * 1.4426950408889634f;
   float m_run[2] = {kNegInf, kNegInf};  // raw-score row max that O and l are relative to
-  float l_run[2] = {0.0f, 0.0f};        // this warpgroup's tiles only, same reference
+  float l_run[2] = {0.0f, 0.0f};        // WG0: the row sums, same reference
 
   // Masks S of the tile in buffer b (invalid keys: -inf); `tile_max`: its row max.
   auto mask_s = [&](int b, float (&tile_max)[2]) {
@@ -860,13 +802,13 @@ __global__ void __launch_bounds__(kThreads, 1)
     CUTE_UNROLL
     for (int h = 0; h < 2; ++h) tile_max[h] = quad_max(mx[h]);
   };
-  // Folds the masked tile's row max into m_prev and makes P relative to the result (rS: fp32 P,
-  // rP: bf16 P); O and l move to the new reference by `alpha` (m_run is it).
-  auto softmax_own = [&](const float (&m_prev)[2], const float (&tile_max)[2], float (&alpha)[2]) {
+  // WG0: folds the masked tile's row max into m_run and makes P relative to the result (rS: fp32
+  // P, rP: bf16 P); O and l move to the new reference by `alpha`.
+  auto softmax = [&](const float (&tile_max)[2], float (&alpha)[2]) {
     float m_scaled[2];
     CUTE_UNROLL
     for (int h = 0; h < 2; ++h) {
-      const float m_new = fmaxf(m_prev[h], tile_max[h]);
+      const float m_new = fmaxf(m_run[h], tile_max[h]);
       const float m_use = m_new == kNegInf ? 0.0f : m_new;  // no valid key yet: exp2(-inf) = 0
       alpha[h] = exp2f((m_run[h] - m_use) * scale_log2);
       m_scaled[h] = m_use * scale_log2;
@@ -898,18 +840,19 @@ __global__ void __launch_bounds__(kThreads, 1)
     warpgroup_fence_operand(rS);
   };
 
-  // A tile half is free once this CTA's reader is done and, paired, the peer's reader of its copy
-  // (the peer writes its rows into both).
-  auto free_half = [&](uint64_t* bar) {
-    cutlass::arch::ClusterBarrier::arrive(bar);
+  // A buffer is free once both warpgroups' P V of its tile are done and, paired, the peer's (the
+  // peer writes its rows into both).
+  auto free_buffer = [&](int b) {
+    cutlass::arch::ClusterBarrier::arrive(&ss.freed[b]);
     if constexpr (kPaired) {
-      if (lane == 0) arrive_in_cta(bar, cute::block_rank_in_cluster() ^ 1u);
+      if (lane == 0) arrive_in_cta(&ss.freed[b], cute::block_rank_in_cluster() ^ 1u);
     }
   };
 
   using cutlass::arch::ClusterBarrier;
-  // S of the tile in buffer b (`buf`; `phase`: its fill's parity), each half once it has landed.
-  auto tile_s = [&](int b, bf16* buf, uint32_t phase) {
+  // S of the tile in buffer b (`phase`: its fill's parity), each half once it has landed.
+  auto tile_s = [&](int b, uint32_t phase) {
+    bf16* const buf = b ? buf1 : buf0;
     ClusterBarrier::wait(&ss.ready[b][0], phase);
     warpgroup_fence_operand(rS);
     issue_s<0, 16>(mma_s, frag_q(), frag_k(buf), rS, true);
@@ -918,199 +861,86 @@ __global__ void __launch_bounds__(kThreads, 1)
     wait_s();
   };
   ClusterBarrier::wait(&ss.q_ready, 0);
-  if constexpr (kSerial) {
-    // WG0: S of every tile, the softmax (the one running max), P to smem for WG1, P V of O
-    // columns 0-255 from registers; S of the next tile overlaps WG1's P V. WG1: rescales its O by
-    // WG0's alpha and multiplies P from smem into O columns 256-511. A buffer is free once both
-    // P V of its tile are done, a tile before its next use.
-    // Both warpgroups bar.sync both handoffs (no bar.arrive): WG1 has nothing to do between
-    // kSerialPFree and kSerialPReady and is the one waiting at either, so WG0 never waits longer
-    // for it. Each warpgroup then passes the same bar.syncs, which compute-sanitizer racecheck
-    // needs to see the handoffs: it orders shared-memory accesses of two threads by how many
-    // bar.syncs each has passed, so a bar.arrive -> bar.sync handoff in both directions reads as
-    // a race (bench/racecheck_probe.cu; bench/NOTES.md, session 10).
-    bf16* const buf0 = reinterpret_cast<bf16*>(ss.kv[0]);
-    bf16* const buf1 = reinterpret_cast<bf16*>(ss.kv[1]);
-    if (wg == 0) {
-      if (n_tiles > 0) tile_s(0, buf0, 0);
-      for (int tile = 0; tile < n_tiles; ++tile) {
-        const int b = tile & 1;
-        ClusterBarrier::wait(&ss.valid_ready[b], (tile >> 1) & 1);
-        const float m_prev[2] = {m_run[0], m_run[1]};
-        float tile_max[2], alpha[2];
-        mask_s(b, tile_max);
-        softmax_own(m_prev, tile_max, alpha);
-        if (tile > 0) named_sync(kSerialPFree, kMathThreads);  // WG1 done with P, alpha of tile-1
-        store_p(rS, 1.0f, 1.0f, smem_p_odd, row_in_wg, lane);
-        publish_rows(kFromWg0, alpha);
-        cutlass::arch::fence_view_async_shared();
-        named_sync(kSerialPReady, kMathThreads);
-        warpgroup_fence_operand(rO);
-        warpgroup_fence_operand(rP);
-        issue_pv(mma_own, rP, frag_v(thr_own, b ? buf1 : buf0), rO);
-        // Buffer b is freed as soon as this P V is done, not once the next tile has arrived (which
-        // made the refill of b wait on the fill of the other buffer: FP8 decode 285 TFLOP/s at
-        // d2a6110 then, bf16 decode 396 -> 417 without).
-        warpgroup_wait<0>();
-        warpgroup_fence_operand(rO);
-        free_half(&ss.freed[b][0]);
-        if (tile + 1 < n_tiles) {
-          const int nb = b ^ 1;
-          tile_s(nb, nb ? buf1 : buf0, ((tile + 1) >> 1) & 1);
-        }
-      }
-    } else {
-      // FP8: WG1 dequantises half 1 of every tile (its own V columns and the second half of S)
-      // while its P V of the tile before runs: it would otherwise idle, and the producer's period
-      // would hold both conversions. After that P V instead (59d59c2), WG0 waited for it in the
-      // next S: a third of WG0's time (Nsight Compute, FP8 decode B = 128, Hq = 128).
-      // Its staging sync is an mbarrier, not a named barrier: a bar.sync that WG0 does not pass
-      // too would put the two warpgroups' bar.sync counts out of step for racecheck (above).
-      auto convert_half1 = [&](int tile) {
-        if constexpr (kMode == Mode::kDecodeFp8) {
-          const int b = tile & 1;
-          ClusterBarrier::wait(&ss.staged[b], (tile >> 1) & 1);
-          dequant_and_publish<1, kPaired>(cute::cast_smem_ptr_to_uint(b ? buf1 : buf0),
-                                          &ss.ready[b][1], t, [&] {
-                                            ClusterBarrier::arrive(&ss.wg1_staging_read);
-                                            ClusterBarrier::wait(&ss.wg1_staging_read, tile & 1);
-                                          });
-        }
-      };
-      if (n_tiles > 0) convert_half1(0);
-      for (int tile = 0; tile < n_tiles; ++tile) {
-        const int b = tile & 1;
-        named_sync(kSerialPReady, kMathThreads);
-        float alpha[2];
-        CUTE_UNROLL
-        for (int h = 0; h < 2; ++h) alpha[h] = exchanged(kFromWg0, h);
-        if (__any_sync(0xFFFFFFFFu, alpha[0] != 1.0f || alpha[1] != 1.0f)) {
-          CUTE_UNROLL
-          for (int e = 0; e < size(rO); ++e) rO(e) *= alpha[(e / 2) % 2];
-        }
-        warpgroup_fence_operand(rO);
-        issue_pv(mma_peer, frag_p(p_odd), frag_v(thr_peer, b ? buf1 : buf0), rO);
-        // The other buffer: staged once tile - 1's P V were done, so no wait on this P V.
-        if (tile + 1 < n_tiles) convert_half1(tile + 1);
-        warpgroup_wait<0>();
-        warpgroup_fence_operand(rO);
-        free_half(&ss.freed[b][0]);
-        if (tile + 1 < n_tiles) named_sync(kSerialPFree, kMathThreads);
-      }
-    }
-  } else {
-    // Alternating: each warpgroup's softmax of its own tile (buffer b = wg), then P V into its own
-    // O columns. WG0 hands WG1 its running max after the even tile; WG1 hands WG0 the odd tile's
-    // own row max, as soon as S is masked (not the pair max, which would have to wait for WG0's):
-    // each handoff is then written before the writer's next bar.sync and read after the reader's,
-    // the order racecheck needs to see it (see the serial schedule).
-    auto own_pv = [&] {
+  // WG0: S of every tile, the softmax (the one running max), P to smem for WG1, P V of O
+  // columns 0-255 from registers; S of the next tile overlaps WG1's P V. WG1: rescales its O by
+  // WG0's alpha and multiplies P from smem into O columns 256-511. A buffer is free once both
+  // P V of its tile are done, a tile before its next use.
+  // Both warpgroups bar.sync both handoffs (no bar.arrive): WG1 has nothing to do between
+  // kPFree and kPReady and is the one waiting at either, so WG0 never waits longer
+  // for it. Each warpgroup then passes the same bar.syncs, which compute-sanitizer racecheck
+  // needs to see the handoffs: it orders shared-memory accesses of two threads by how many
+  // bar.syncs each has passed, so a bar.arrive -> bar.sync handoff in both directions reads as
+  // a race (bench/racecheck_probe.cu; bench/NOTES.md, session 10).
+  if (wg == 0) {
+    if (n_tiles > 0) tile_s(0, 0);
+    for (int tile = 0; tile < n_tiles; ++tile) {
+      const int b = tile & 1;
+      ClusterBarrier::wait(&ss.valid_ready[b], (tile >> 1) & 1);
+      float tile_max[2], alpha[2];
+      mask_s(b, tile_max);
+      softmax(tile_max, alpha);
+      if (tile > 0) named_sync(kPFree, kMathThreads);  // WG1 done with P, alpha of tile - 1
+      store_p(rS, cute::cast_smem_ptr_to_uint(p_ptr), row_in_wg, lane);
+      publish_rows(kAlpha, alpha);
+      cutlass::arch::fence_view_async_shared();
+      named_sync(kPReady, kMathThreads);
       warpgroup_fence_operand(rO);
       warpgroup_fence_operand(rP);
-      issue_pv(mma_own, rP, frag_v(thr_own, own_buf), rO);
+      issue_pv(mma_own, rP, frag_v(thr_own, b ? buf1 : buf0), rO);
+      // Buffer b is freed as soon as this P V is done, not once the next tile has arrived (which
+      // made the refill of b wait on the fill of the other buffer: FP8 decode 285 TFLOP/s at
+      // d2a6110 then, bf16 decode 396 -> 417 without).
+      warpgroup_wait<0>();
+      warpgroup_fence_operand(rO);
+      free_buffer(b);
+      if (tile + 1 < n_tiles) tile_s(b ^ 1, ((tile + 1) >> 1) & 1);
+    }
+  } else {
+    // FP8: WG1 dequantises half 1 of every tile (its own V columns and the second half of S)
+    // while its P V of the tile before runs: it would otherwise idle, and the producer's period
+    // would hold both conversions. After that P V instead (59d59c2), WG0 waited for it in the
+    // next S: a third of WG0's time (Nsight Compute, FP8 decode B = 128, Hq = 128).
+    // Its staging sync is an mbarrier, not a named barrier: a bar.sync that WG0 does not pass
+    // too would put the two warpgroups' bar.sync counts out of step for racecheck (above).
+    auto convert_half1 = [&](int tile) {
+      if constexpr (kMode == Mode::kDecodeFp8) {
+        const int b = tile & 1;
+        ClusterBarrier::wait(&ss.staged[b], (tile >> 1) & 1);
+        dequant_and_publish<1, kPaired>(cute::cast_smem_ptr_to_uint(b ? buf1 : buf0),
+                                        &ss.ready[b][1], t, [&] {
+                                          ClusterBarrier::arrive(&ss.wg1_staging_read);
+                                          ClusterBarrier::wait(&ss.wg1_staging_read, tile & 1);
+                                        });
+      }
     };
-    if (wg == 0) {
-      // Even tiles (buffer 0); O columns 0-255. S of the first even tile before the loop, of the
-      // next one at the end of each pair (overlapping the peer P V).
-      if (n_pairs > 0) tile_s(0, own_buf, 0);
-      for (int pair = 0; pair < n_pairs; ++pair) {
-        const uint32_t phase = pair & 1;
-        ClusterBarrier::wait(&ss.valid_ready[0], phase);
-        float tile_max[2], alpha[2];
-        mask_s(0, tile_max);
-        softmax_own({m_run[0], m_run[1]}, tile_max, alpha);
-        publish_rows(kFromWg0, m_run);
-        named_arrive(kMaxEvenReady, kMathThreads);
-        own_pv();
-        warpgroup_wait<0>();
-        warpgroup_fence_operand(rO);
-        free_half(&ss.freed[0][0]);
-
-        // The pair's max (WG1 folds the same two maxima into its reference): rescale this tile's
-        // P for WG1 and this half of O to it.
-        named_sync(kMaxOddReady, kMathThreads);
-        float scale[2];
+    if (n_tiles > 0) convert_half1(0);
+    for (int tile = 0; tile < n_tiles; ++tile) {
+      const int b = tile & 1;
+      named_sync(kPReady, kMathThreads);
+      float alpha[2];
+      CUTE_UNROLL
+      for (int h = 0; h < 2; ++h) alpha[h] = exchanged(kAlpha, h);
+      if (__any_sync(0xFFFFFFFFu, alpha[0] != 1.0f || alpha[1] != 1.0f)) {
         CUTE_UNROLL
-        for (int h = 0; h < 2; ++h) {
-          const float m_pair = fmaxf(m_run[h], exchanged(kFromWg1, h));
-          const float m_use = m_pair == kNegInf ? 0.0f : m_pair;
-          scale[h] = exp2f((m_run[h] - m_use) * scale_log2);
-          m_run[h] = m_pair;
-          l_run[h] *= scale[h];
-        }
-        store_p(rS, scale[0], scale[1], smem_p_own, row_in_wg, lane);
-        cutlass::arch::fence_view_async_shared();
-        named_arrive(kPEvenReady, kMathThreads);
-        // The refill of this half (after WG1's P V) overwrites the P just stored. WG1's arrival
-        // alone orders it (through kPEvenReady), but racecheck reported every refill against
-        // this store; this arrival, always before WG1's, orders it directly.
-        free_half(&ss.freed[0][1]);
-        if (__any_sync(0xFFFFFFFFu, scale[0] != 1.0f || scale[1] != 1.0f)) {
-          CUTE_UNROLL
-          for (int e = 0; e < size(rO); ++e) rO(e) *= scale[(e / 2) % 2];
-        }
-        named_sync(kPOddReady, kMathThreads);
-        warpgroup_fence_operand(rO);
-        issue_pv(mma_peer, frag_p(peer_p), frag_v(thr_peer, peer_buf), rO);
-        if (pair + 1 < n_pairs) {
-          // The next even tile's S overlaps the peer P V; buffer 1 half 0 is free once that is done.
-          ClusterBarrier::wait(&ss.ready[0][0], phase ^ 1);
-          warpgroup_fence_operand(rS);
-          issue_s<0, 16>(mma_s, frag_q(), frag_k(own_buf), rS, true);
-          warpgroup_wait<1>();
-          free_half(&ss.freed[1][0]);
-          ClusterBarrier::wait(&ss.ready[0][1], phase ^ 1);
-          issue_s<16, 36>(mma_s, frag_q(), frag_k(own_buf), rS, false);
-          wait_s();
-        } else {
-          warpgroup_wait<0>();
-          free_half(&ss.freed[1][0]);
-        }
-        warpgroup_fence_operand(rO);
+        for (int e = 0; e < size(rO); ++e) rO(e) *= alpha[(e / 2) % 2];
       }
-    } else {
-      // Odd tiles (buffer 1); O columns 256-511.
-      for (int pair = 0; pair < n_pairs; ++pair) {
-        const uint32_t phase = pair & 1;
-        ClusterBarrier::wait(&ss.ready[1][1], phase);
-        warpgroup_fence_operand(rS);
-        issue_s<16, 36>(mma_s, frag_q(), frag_k(own_buf), rS, true);
-        ClusterBarrier::wait(&ss.ready[1][0], phase);
-        issue_s<0, 16>(mma_s, frag_q(), frag_k(own_buf), rS, false);
-        wait_s();
-        ClusterBarrier::wait(&ss.valid_ready[1], phase);
-        float tile_max[2], alpha[2];
-        mask_s(1, tile_max);
-        publish_rows(kFromWg1, tile_max);
-        named_arrive(kMaxOddReady, kMathThreads);
-        named_sync(kMaxEvenReady, kMathThreads);
-        softmax_own({exchanged(kFromWg0, 0), exchanged(kFromWg0, 1)}, tile_max, alpha);
-        own_pv();
-        store_p(rS, 1.0f, 1.0f, smem_p_own, row_in_wg, lane);
-        named_sync(kPEvenReady, kMathThreads);
-        issue_pv(mma_peer, frag_p(peer_p), frag_v(thr_peer, peer_buf), rO);
-        cutlass::arch::fence_view_async_shared();
-        named_arrive(kPOddReady, kMathThreads);
-        warpgroup_wait<1>();
-        free_half(&ss.freed[1][1]);
-        warpgroup_wait<0>();
-        warpgroup_fence_operand(rO);
-        free_half(&ss.freed[0][1]);
-      }
+      warpgroup_fence_operand(rO);
+      issue_pv(mma_peer, frag_p(), frag_v(thr_peer, b ? buf1 : buf0), rO);
+      // The other buffer: staged once tile - 1's P V were done, so no wait on this P V.
+      if (tile + 1 < n_tiles) convert_half1(tile + 1);
+      warpgroup_wait<0>();
+      warpgroup_fence_operand(rO);
+      free_buffer(b);
+      if (tile + 1 < n_tiles) named_sync(kPFree, kMathThreads);
     }
   }
 
-  // -- epilogue: row sums over both warpgroups, normalise, store --
-  // Alternating: both warpgroups' row sums (one reference). Serial: WG0's row sum and max.
-  CUTE_UNROLL
-  for (int h = 0; h < 2; ++h) l_run[h] = quad_sum(l_run[h]);
-  if constexpr (kSerial) {
-    if (wg == 0) {
-      publish_rows(kFromWg1, l_run);
-      publish_rows(kEpilogue, m_run);
-    }
-  } else {
-    publish_rows(wg == 0 ? kEpilogue : kFromWg1, l_run);
+  // -- epilogue: WG0's row sums and maxima to both warpgroups, normalise, store --
+  if (wg == 0) {
+    CUTE_UNROLL
+    for (int h = 0; h < 2; ++h) l_run[h] = quad_sum(l_run[h]);
+    publish_rows(kRowSum, l_run);
+    publish_rows(kRowMax, m_run);
   }
   named_sync(kRowSums, kMathThreads);
   const int64_t rows_heads = p.rows * p.Hq;
@@ -1118,10 +948,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   CUTE_UNROLL
   for (int h = 0; h < 2; ++h) {
     const int r = row_in_wg + 8 * h;
-    // Same order in both warpgroups.
-    const float l = kSerial ? ss.row_exchange[kFromWg1][r]
-                            : ss.row_exchange[kEpilogue][r] + ss.row_exchange[kFromWg1][r];
-    const float m = kSerial ? ss.row_exchange[kEpilogue][r] : m_run[h];
+    const float l = ss.row_exchange[kRowSum][r];
+    const float m = ss.row_exchange[kRowMax][r];
     inv[h] = l > 0.0f ? 1.0f / l : 0.0f;
     const float lse = l > 0.0f ? m * p.sm_scale + logf(l) : kNegInf;
     const int64_t rh = qrow * p.Hq + head0 + r;
