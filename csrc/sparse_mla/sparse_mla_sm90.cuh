@@ -5,9 +5,10 @@
 // NOTES:
 // - Work unit (one CTA): one query row x one group of 64 heads x one slice of its top-k. 64 heads
 //   is the M of a wgmma and the most a CTA can hold: the output accumulator of 64 heads x 512 fp32
-//   is half the register file, so Hq = 128 runs as two CTAs per query (launched adjacently: the
-//   second gather of each KV row hits L2), and Hq = 16 / 32 pad the M rows with zero queries that
-//   are never stored.
+//   is half the register file, so Hq = 128 runs as two CTAs per query, a cluster (scheduled
+//   together, so the second gather of each KV row hits L2: prefill Hq = 128 +0.7 % over two A/B
+//   runs on the H200, session 13), and Hq = 16 / 32 pad the M rows with zero queries that are
+//   never stored.
 // - Three warpgroups, specialised: a producer (72 registers) that resolves indices to KV rows and
 //   fills two 64-key tile buffers, half a tile at a time (dims 0-255 and 256-575, each with its
 //   own ready mbarrier), and two math warpgroups (216 registers), each owning half of O's 512
@@ -706,8 +707,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int tid = threadIdx.x;
   const int wg = tid / 128, t = tid % 128, warp = tid / 32, lane = tid % 32;
 
-  // Head groups vary fastest: the CTAs of one (query, split) are adjacent (one cluster when
-  // paired; otherwise the second gather of each KV row hits L2).
+  // Head groups vary fastest: the CTAs of one (query, split) are adjacent, one cluster at
+  // Hq = 128.
   int64_t bid = blockIdx.x;
   const int head0 = int(bid % p.head_groups) * kHeadsPerCta;
   bid /= p.head_groups;
@@ -1038,7 +1039,7 @@ cudaError_t launch_forward(const Problem& prob, int64_t blocks, cudaStream_t str
   config.dynamicSmemBytes = kSmemBytes;
   config.stream = stream;
   config.attrs = &cluster;
-  config.numAttrs = kPaired ? 1 : 0;
+  config.numAttrs = prob.head_groups == 2 ? 1 : 0;  // paired or not (see the NOTES)
   return cudaLaunchKernelEx(&config, kernel, prob);
 }
 
