@@ -159,8 +159,9 @@ class Cta:
 
 
 def producer(m, n_tiles, fp8, cta):
-    """Whole tiles, buffer b once both P V of its previous tile are done (freed{b}). FP8: staged, then half 0 dequantised (half 1 is WG1's, once
-    `staged` says the bytes landed); paired: this CTA's rows into both CTAs' tiles."""
+    """Whole tiles, buffer b once both P V of its previous tile are done (freed{b}). FP8:
+    staged, then half 0 dequantised (half 1 is WG1's, once `staged` says the bytes landed);
+    paired: this CTA's rows into both CTAs' tiles."""
     own = (cta.c,) if cta.paired else cta.rows
 
     def claim(tile):

@@ -48,7 +48,8 @@
 //   tests/test_sparse_mla_schedule.py replays the schedule on the CPU under random
 //   interleavings; a change to the handoff order must be mirrored there.
 // - Masked keys (-1, out of [0, N), positions past the block table or pages outside the cache,
-//   the tail past topk) become zero rows and -inf scores: nothing outside the tensors is ever read, and 0 * garbage can never make a NaN.
+//   the tail past topk) become zero rows and -inf scores: nothing outside the tensors is ever
+//   read, and 0 * garbage can never make a NaN.
 // - Split-k (small batches): CTAs of one (query, head group) take disjoint tile ranges and write
 //   normalised fp32 partial outputs + lse to a workspace the op layer allocates; a second kernel
 //   merges them in a fixed order. The split count depends on shapes and the SM count only, so a
@@ -145,7 +146,8 @@ struct SharedStorage {
                                             // between the math warpgroups
   uint64_t q_ready;
   uint64_t ready[2][2];                     // [buffer][half]: filled (producer -> math)
-  uint64_t freed[2];                        // [buffer]: both P V of its tile done (math -> producer)
+  uint64_t freed[2];                        // [buffer]: both P V of its tile done (math ->
+                                            // producer)
   uint64_t valid_ready[2];                  // [buffer]: valid words of the current tile
   uint64_t staged[2];                       // [buffer]: FP8 raw bytes landed (producer -> WG1)
   uint64_t wg1_staging_read;                // FP8: WG1 read its half's staged bytes (WG1 only)
@@ -599,9 +601,9 @@ __device__ __forceinline__ void producer(const Problem& p, SharedStorage& ss, in
   // barrier's previous phase counts as done.
 
   if constexpr (kFp8) {
-    // Decode, FP8: a tile is staged as soon as its buffer is free (a tile of
-    // math before its S), then the producer dequantises half 0 as soon as it lands and WG1 half
-    // 1 (during its P V of the tile before, `staged` says the bytes have landed). Staging tile
+    // Decode, FP8: a tile is staged as soon as its buffer is free (a tile of math before its
+    // S), then the producer dequantises half 0 as soon as it lands and WG1 half 1 (during its
+    // P V of the tile before, `staged` says the bytes have landed). Staging tile
     // t + 1 before dequantising tile t instead (f0c3fd5) gates each conversion on the next free:
     // FP8 decode 285 -> 248 TFLOP/s. Addresses are recomputed at use (see opaque()): hoisted,
     // they spill.
