@@ -282,11 +282,13 @@ def run(n_tiles, fill, rng, racecheck_rules=True):
     # A tile buffer is free once both warpgroups' P V of its tile are done; paired, in both CTAs
     # (128 local threads + 4 remote warps per warpgroup), and a half is ready once both producers
     # delivered their rows (128 local arrivals, one of them expecting the peer's st.async bytes).
-    need = {"freed": 2 * (PAIRED_FREED_CTAS if paired else 1)}
-    m = Machine({cta.at(f"freed{b}"): need["freed"] for cta in ctas for b in (0, 1)},
-                racecheck_rules)
-    m.need.update({cta.at(f"ready{b}{h}"): 2 if paired else 1 for cta in ctas for b in (0, 1)
-                   for h in (0, 1)})
+    need = {}
+    for cta in ctas:
+        for b in (0, 1):
+            need[cta.at(f"freed{b}")] = 2 * (PAIRED_FREED_CTAS if paired else 1)
+            for h in (0, 1):
+                need[cta.at(f"ready{b}{h}")] = 2 if paired else 1
+    m = Machine(need, racecheck_rules)
     roles = {}
     for cta in ctas:
         roles[cta.at("producer")] = producer(m, n_tiles, fp8, cta)
