@@ -106,13 +106,14 @@ __global__ void __launch_bounds__(kThreads, kMinCtas) topk_kernel(const TopkPara
                           : uint32_t(std::min<int64_t>(
                                 k, (int64_t(k) * sample * 5 / 4 + n_valid - 1) / n_valid));
     // The same answer in every CTA of the cluster: each decides alone whether to skip the
-    // barrier of the digit-0 search. The first CTA's warps have the longest slices; the last
-    // CTA's may be shorter, and deciding by its own (9e28ecd to 7ea51cd) let it skip a cluster
-    // barrier the others waited at: at a window one float4 past one batch per warp the CTAs'
-    // barriers fell out of step (test_one_batch_boundary_windows: cudaErrorInvalidAddressSpace,
-    // a DSMEM access to a CTA that had left).
+    // barrier of the digit-0 search. The first CTA's warps have the longest slices (per_cta
+    // slots, the most any CTA has); the last CTA's may be shorter, and deciding by its own
+    // (9e28ecd to 7ea51cd) let it skip a cluster barrier the others waited at: at a window one
+    // float4 past one batch per warp the CTAs' barriers fell out of step
+    // (test_one_batch_boundary_windows: cudaErrorInvalidAddressSpace, a DSMEM access to a CTA
+    // that had left).
     if (threadIdx.x == 0) {
-      s.one_batch = (std::min(per_cta, slots) + kWarps - 1) / kWarps <= kBatchSlots;
+      s.one_batch = (per_cta + kWarps - 1) / kWarps <= kBatchSlots;
     }
     Found f;
     for (int attempt = 0;; ++attempt) {
