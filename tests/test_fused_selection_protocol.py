@@ -1,7 +1,8 @@
 """The selection protocol of the fused indexer_topk kernel (csrc/indexer/indexer_topk.cu), replayed
 step for step in Python and checked against a brute-force top-k: candidate encoding, pool floor,
-the cut trigger at sync points, the radix select over 8-bit digits with its early stop, the
-final order, and the whole-group schedule. It checks the algorithm (no reachable state overflows
+the cut trigger after every tile, the cut's sampled floor and its radix-select fallback, the
+math warps' filtering with a floor several tiles old, both output orders, and the whole-group
+schedule. It checks the algorithm (no reachable state overflows
 a pool or loses a key; every query group is scored by exactly one CTA), not the CUDA code, which
 tests/test_indexer_topk_fused.py checks on the GPU."""
 
@@ -12,8 +13,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-TILE, SYNC_TILES, MAX_TOPK = 256, 4, 2048
-POOLS = {64: 2 * MAX_TOPK, 32: MAX_TOPK + SYNC_TILES * TILE}  # entries per query, by head count
+TILE, MAX_TOPK = 256, 2048
+POOLS = {64: 2 * MAX_TOPK + 1024, 32: MAX_TOPK + 1536}  # entries per query, by head count
 
 
 def order_key(x: np.float32) -> int:
@@ -56,25 +57,53 @@ def select_k(pool: list[int], k: int) -> tuple[list[int], int]:
     return kept, prefix
 
 
-def fused_topk(scores: np.ndarray, begin: int, end: int, k: int, lo: int,
-               pool_size: int) -> list[int]:
-    """One query of a group whose tiles start at key lo (<= begin)."""
-    cut_above = pool_size - SYNC_TILES * TILE
-    pool, floor = [], 0
+def cut(pool: list[int], k: int, exact: bool) -> tuple[list[int], int]:
+    """The kernel's cut: inside the loop the sample_rank-th largest of 64 evenly spaced entries,
+    kept if it leaves at least k entries and room for a tile, else (and at the group end) the
+    radix select. Returns the kept entries in pool order and the new floor."""
+    n = len(pool)
+    if not exact:
+        p = np.float32(k) / np.float32(n)
+        rank = int(np.float32(64) * p + np.float32(2.5) * np.sqrt(np.float32(64) * p * (1 - p)) + 1)
+        if rank < 60:
+            sample = [pool[(i * n) // 64] for i in range(64)]
+            threshold = sorted(sample, reverse=True)[rank]
+            above = sum(c >= threshold for c in pool)
+            if k <= above <= n - TILE:
+                return [c for c in pool if c >= threshold], threshold
+    kept, prefix = select_k(pool, k)
+    kept_in_order = [c for c in pool if c >= prefix]
+    assert sorted(kept_in_order) == sorted(kept)
+    return kept_in_order, prefix
+
+
+def fused_topk(scores: np.ndarray, begin: int, end: int, k: int, lo: int, pool_size: int,
+               lag: int = 0) -> tuple[list[int], list[int]]:
+    """One query of a group whose tiles start at key lo (<= begin): its row as sorted=True and as
+    sorted=False return it. The math warps filter tile t with the floor the selection had `lag`
+    tiles earlier (when it released the staging slot); floors only rise, so any lag is safe."""
+    cut_above = pool_size - TILE  # one more tile can append at most TILE entries
+    pool, floors = [], [0]
     tiles = -(-(end - lo) // TILE)
     for t in range(tiles):
+        floor = floors[max(0, len(floors) - 1 - lag)]
         for key in range(lo + t * TILE, lo + (t + 1) * TILE):
             if begin <= key < end:
                 c = candidate(scores[key], key)
                 if c >= floor:
                     pool.append(c)
         assert len(pool) <= pool_size, "pool overflow"
-        if (t + 1) % SYNC_TILES == 0 and t + 1 < tiles and len(pool) > cut_above:
-            pool, new_floor = select_k(pool, k)
-            floor = new_floor if new_floor is not None else floor
-    pool, _ = select_k(pool, k)
-    out = [(~c) & 0xFFFFFFFF for c in sorted(pool, reverse=True)]
-    return out + [-1] * (k - len(out))
+        if t + 1 < tiles and len(pool) > cut_above:
+            pool, new_floor = cut(pool, k, exact=False)
+            floors.append(new_floor)
+        else:
+            floors.append(floors[-1])
+    if len(pool) > k:
+        pool, _ = cut(pool, k, exact=True)
+    pad = [-1] * (k - len(pool))
+    as_sorted = [(~c) & 0xFFFFFFFF for c in sorted(pool, reverse=True)]
+    in_key_order = [(~c) & 0xFFFFFFFF for c in pool]
+    return as_sorted + pad, in_key_order + pad
 
 
 def brute_force(scores: np.ndarray, begin: int, end: int, k: int) -> list[int]:
@@ -113,8 +142,11 @@ def test_protocol_equals_brute_force(heads, kind, k):
     scores = rows(kind, n, rng)
     for begin, end in [(0, n), (17, 5000), (300, 300 + k), (4000, 4001), (5, 5)]:
         lo = begin - begin % 16
-        got = fused_topk(scores, begin, end, k, lo, POOLS[heads])
-        assert got == brute_force(scores, begin, end, k)
+        want = brute_force(scores, begin, end, k)
+        for lag in (0, 10):
+            as_sorted, in_key_order = fused_topk(scores, begin, end, k, lo, POOLS[heads], lag)
+            assert as_sorted == want
+            assert in_key_order == sorted(i for i in want if i >= 0) + [i for i in want if i < 0]
 
 
 def whole_item_ranges(tiles: list[int], ctas: int) -> list[tuple[int, int]]:
@@ -160,12 +192,12 @@ def test_whole_item_schedule_covers_every_group_once(seed):
 @settings(max_examples=60, deadline=None)
 @given(n=st.integers(1, 6000), k=st.integers(1, MAX_TOPK), heads=st.sampled_from([64, 32]),
        levels=st.integers(1, 50), window=st.tuples(st.floats(0, 1), st.floats(0, 1)),
-       seed=st.integers(0, 2**32 - 1))
-def test_protocol_fuzz(n, k, heads, levels, window, seed):
+       lag=st.integers(0, 16), seed=st.integers(0, 2**32 - 1))
+def test_protocol_fuzz(n, k, heads, levels, window, lag, seed):
     # Few distinct values (levels) make long runs of ties that only the key bits separate.
     rng = np.random.default_rng(seed)
     scores = rng.integers(0, levels, n).astype(np.float32) * np.float32(0.37)
     begin, end = sorted(int(f * n) for f in window)
     lo = begin - begin % 16
-    got = fused_topk(scores, begin, end, k, lo, POOLS[heads])
-    assert got == brute_force(scores, begin, end, k)
+    as_sorted, _ = fused_topk(scores, begin, end, k, lo, POOLS[heads], lag)
+    assert as_sorted == brute_force(scores, begin, end, k)

@@ -54,9 +54,10 @@ namespace indexcache {
 namespace indexer_sm90 {
 
 // kExtraBytes_: shared memory a kernel keeps beside the rings (indexer_topk's selection state),
-// taken from kSmemBudget_ before the key stages are counted.
+// taken from kSmemBudget_ before the key stages are counted. kQStages_: depth of the Q ring (2
+// hides the next group's Q load; indexer_topk takes 1 and gives the 16 KB to its pools).
 template <int kHeads_, int kHeadDim_, int kMaxQueryGroups_, int kExtraBytes_ = 0,
-          int kSmemBudget_ = 192 * 1024>
+          int kSmemBudget_ = 192 * 1024, int kQStages_ = 2>
 struct Config {
   static constexpr int kHeads = kHeads_;
   static constexpr int kHeadDim = kHeadDim_;
@@ -90,7 +91,7 @@ struct Config {
   static constexpr int kMaxQueryGroups = kMaxQueryGroups_;
   static constexpr int kQGroupBytes = kMmaN * kHeadDim;
   static constexpr int kQStageBytes = kMaxQueryGroups * kQGroupBytes;
-  static constexpr int kQStages = 2;
+  static constexpr int kQStages = kQStages_;
   static constexpr int kTileBytes = kTileKeys * kHeadDim;
   static constexpr int kSubTileBytes = kMmaM * kHeadDim;     // one warpgroup's 64 rows
   static constexpr int kExtraBytes = kExtraBytes_;
