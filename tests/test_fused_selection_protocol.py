@@ -1,7 +1,7 @@
 """The selection protocol of the fused indexer_topk kernel (csrc/indexer/indexer_topk.cu), replayed
 step for step in Python and checked against a brute-force top-k: candidate encoding, pool floor,
 the cut trigger after every tile, the cut's sampled floor and its radix-select fallback, the
-math warps' filtering with a floor several tiles old, both output orders, and the whole-group
+math warps' filtering (order keys only) with a floor several tiles old, both output orders, and the whole-group
 schedule. It checks the algorithm (no reachable state overflows
 a pool or loses a key; every query group is scored by exactly one CTA), not the CUDA code, which
 tests/test_indexer_topk_fused.py checks on the GPU."""
@@ -81,7 +81,8 @@ def fused_topk(scores: np.ndarray, begin: int, end: int, k: int, lo: int, pool_s
                lag: int = 0) -> tuple[list[int], list[int]]:
     """One query of a group whose tiles start at key lo (<= begin): its row as sorted=True and as
     sorted=False return it. The math warps filter tile t with the floor the selection had `lag`
-    tiles earlier (when it released the staging slot); floors only rise, so any lag is safe."""
+    tiles earlier (they read it while the selection runs behind them); any floor a cut has set
+    stays safe for the rest of the group, so any lag is."""
     cut_above = pool_size - TILE  # one more tile can append at most TILE entries
     pool, floors = [], [0]
     tiles = -(-(end - lo) // TILE)
@@ -90,7 +91,7 @@ def fused_topk(scores: np.ndarray, begin: int, end: int, k: int, lo: int, pool_s
         for key in range(lo + t * TILE, lo + (t + 1) * TILE):
             if begin <= key < end:
                 c = candidate(scores[key], key)
-                if c >= floor:
+                if c >> 32 >= floor >> 32:  # the math warps test order keys only (ties pass)
                     pool.append(c)
         assert len(pool) <= pool_size, "pool overflow"
         if t + 1 < tiles and len(pool) > cut_above:

@@ -25,9 +25,13 @@
 // - A candidate is the 64-bit (topk_order_key(score) << 32) | ~key: larger means selected first,
 //   and candidates of one query are distinct, so "the k largest candidates" is the exact
 //   top-k with ties to the smaller key, whatever order they were found in.
-// - Floors: a math warp reads the floors from the staged slot's header, written by the selection
-//   when it released the slot (with the query group they belong to). They are up to a ring's
-//   length old; floors only rise, so an old one lets more keys through, never fewer.
+// - Floors: a math warp reads its query's floor from shared memory as it is (relaxed 64-bit
+//   atomics: the word packs the query group and the floor's order key, so a floor is never taken
+//   for the wrong group). The test is order key >= the floor's, which lets the ties at the floor
+//   through whatever their key: a weaker floor, still safe. Any floor a cut has set stays valid
+//   for the rest of the group (k candidates above it are never dropped), so reading one late only
+//   lets more keys through. (Floors handed over in the staged slots, up to a ring's length old,
+//   cost ~25 % more cuts and copies in the replay of tests/test_fused_selection_protocol.py.)
 // - Pools stay in key order: a tile's lists are copied at offsets from a scan of their counts, and
 //   compaction is a stable scan too (no atomics decide positions). The unsorted output is that
 //   order, so both outputs are the same on every run.
@@ -75,7 +79,8 @@ struct QuerySelection {
   static constexpr int kPoolEntries = kPoolEntries_;
   unsigned long long pool[kPoolEntries];  // candidates in ascending key order
   uint32_t hist[2][kBins];                // radix select; the cut's sample reuses hist[0]
-  unsigned long long floor;               // a key passes iff its candidate >= floor
+  // (query group << 32) | the floor's order key; relaxed atomic loads and stores only.
+  unsigned long long live_floor;
   unsigned long long pad;                 // sizeof a multiple of 16 (alignment)
 };
 
@@ -99,16 +104,13 @@ using Selection = QuerySelection<kHeads == 64 ? 2 * kMaxTopk + 1024 : kMaxTopk +
 
 // One tile's candidates as the math warps hand them over: for every (math warp, query) list the
 // order keys of the warp's keys (16 consecutive rows) that passed the floor, in key order, with
-// their rows. The header carries the floors the selection had when it last released the slot.
+// their rows.
 template <int kQueries>
 struct StagedTile {
   static constexpr int kLists = 16 * kQueries;  // list = math warp * kQueries + query
   uint32_t order[kLists][16];
-  unsigned long long floor[kQueries];  // valid for query group `group` only
   uint32_t count[kLists];
   uint8_t row[kLists][16];
-  int group;
-  int pad[3];  // sizeof a multiple of 16 (alignment)
 };
 
 template <int kHeads, int kHeadDim>
@@ -170,6 +172,20 @@ __device__ __forceinline__ uint32_t lanes_below() {
   uint32_t m;
   asm("mov.u32 %0, %%lanemask_lt;" : "=r"(m));
   return m;
+}
+
+__device__ __forceinline__ unsigned long long load_relaxed(const unsigned long long* p) {
+  unsigned long long v;
+  asm volatile("ld.relaxed.cta.shared.u64 %0, [%1];" : "=l"(v) : "r"(smem_addr(p)));
+  return v;
+}
+
+__device__ __forceinline__ void store_relaxed(unsigned long long* p, unsigned long long v) {
+  asm volatile("st.relaxed.cta.shared.u64 [%0], %1;" ::"r"(smem_addr(p)), "l"(v) : "memory");
+}
+
+__device__ __forceinline__ unsigned long long live_floor(int group, unsigned long long floor) {
+  return (static_cast<unsigned long long>(static_cast<uint32_t>(group)) << 32) | (floor >> 32);
 }
 
 // counts[q] for a q known only at run time, without a local-memory array.
@@ -309,7 +325,8 @@ __device__ unsigned long long kth_largest(Sel& s, SelectState& st, uint32_t n, u
 // evenly spaced entries, checked by one counting pass, and the radix select only when it keeps
 // fewer than k (a high estimate) or the pool is too small for a sample to pay.
 template <int kTileKeys, class Sel>
-__device__ uint32_t cut(Sel& s, SelectState& st, uint32_t n, uint32_t k, bool exact, int rank) {
+__device__ uint32_t cut(Sel& s, SelectState& st, uint32_t n, uint32_t k, bool exact, int group,
+                        int rank) {
   constexpr int kSample = 64;
   unsigned long long threshold = 0;
   bool found = false;
@@ -346,7 +363,7 @@ __device__ uint32_t cut(Sel& s, SelectState& st, uint32_t n, uint32_t k, bool ex
     selection_sync();  // st.above read by all before a later cut resets it
   }
   if (!found) threshold = kth_largest(s, st, n, k, rank);
-  if (rank == 0) s.floor = threshold;  // published by compact's barriers
+  if (rank == 0 && !exact) store_relaxed(&s.live_floor, live_floor(group, threshold));
   return compact(s, st, n, threshold, rank);
 }
 
@@ -430,7 +447,7 @@ __device__ void select_range(const IndexerTopkParams& tp, const TileRange& range
     const GroupKeys keys = group_keys<typename L::C>(p, group);
     const int take = min(keys.tiles - first, left);
     if (take > 0) {
-      if (rank < L::kQueries) layout.sels[rank].floor = 0;
+      if (rank < L::kQueries) store_relaxed(&layout.sels[rank].live_floor, live_floor(group, 0));
       uint32_t counts[L::kQueries];
 #pragma unroll
       for (int q = 0; q < L::kQueries; ++q) counts[q] = 0;
@@ -440,8 +457,6 @@ __device__ void select_range(const IndexerTopkParams& tp, const TileRange& range
         Barrier::wait(&layout.staged[r.stage], r.phase);
         auto& slot = layout.staging[r.stage];
         copy_tile(layout, slot, keys.lo + t * L::kTileKeys, counts, rank);
-        if (rank < L::kQueries) slot.floor[rank] = layout.sels[rank].floor;
-        if (rank == 0) slot.group = group;
         __syncwarp();
         if (lane_id() == 0) Barrier::arrive(&layout.consumed[r.stage]);
         if (t + 1 < keys.tiles) {
@@ -449,7 +464,7 @@ __device__ void select_range(const IndexerTopkParams& tp, const TileRange& range
           for (int q = 0; q < L::kQueries; ++q) {
             if (counts[q] > uint32_t(L::kCutAbove)) {
               selection_sync();  // every warp's copies have landed
-              counts[q] = cut<L::kTileKeys>(layout.sels[q], st, counts[q], k, false, rank);
+              counts[q] = cut<L::kTileKeys>(layout.sels[q], st, counts[q], k, false, group, rank);
             }
           }
         }
@@ -460,7 +475,7 @@ __device__ void select_range(const IndexerTopkParams& tp, const TileRange& range
       for (int q = 0; q < L::kQueries; ++q) {
         auto& s = layout.sels[q];
         uint32_t n = pick(counts, q);
-        if (n > k) n = cut<L::kTileKeys>(s, st, n, k, true, rank);
+        if (n > k) n = cut<L::kTileKeys>(s, st, n, k, true, group, rank);
         if (tp.sorted) sort_pool(s, n, sort_size, rank);
         const int64_t t = int64_t(group) * L::kQueries + q;
         if (t < p.S) {
@@ -492,8 +507,8 @@ __global__ void __launch_bounds__(FusedLayout<kHeads, kHeadDim>::C::kThreads, 1)
     for (int i = 0; i < L::kStagingStages; ++i) {
       Barrier::init(&layout.staged[i], C::kMathThreads);
       Barrier::init(&layout.consumed[i], kSelectionThreads / 32);
-      layout.staging[i].group = -1;  // no floors yet: the math warps take every visible key
     }
+    for (int q = 0; q < L::kQueries; ++q) layout.sels[q].live_floor = live_floor(-1, 0);
     smem.init_barriers();  // fences every init above too
   }
 
@@ -521,12 +536,9 @@ __global__ void __launch_bounds__(FusedLayout<kHeads, kHeadDim>::C::kThreads, 1)
     }
   }
 
-  // The math warps filter: a key goes to the selection only if its candidate is >= the floor
-  // its query had when the selection last released the slot (floors only rise, so an older one
-  // is still a valid floor: it passes more keys, never fewer).
+  // The math warps filter: a key goes to the selection only if its order key is >= its query's
+  // floor (see NOTES: any floor the selection has set for the group is safe to read, late or not).
   const int n_keys = static_cast<int>(p.N);
-  const int math_warp = threadIdx.x / 32;
-  const uint32_t query_lanes = lp.b1 ? 0xCCCCCCCCu : 0x33333333u;  // lane bit 1 is the query
   int staged = 0;
   float acc[C::kAccum];
   consume_ragged<C>(
@@ -535,21 +547,22 @@ __global__ void __launch_bounds__(FusedLayout<kHeads, kHeadDim>::C::kThreads, 1)
         const Ring<L::kStagingStages> r(staged++);
         Barrier::wait(&layout.consumed[r.stage], r.phase ^ 1);
         auto& slot = layout.staging[r.stage];
-        const bool floors_apply = slot.group == int(lg.group);
 #pragma unroll
         for (int g = 0; g < C::kQueriesPerLane; ++g) {
           const int q = 2 * g + lp.b1;
-          const unsigned long long floor = floors_apply ? slot.floor[q] : 0ull;
+          const unsigned long long live = load_relaxed(&layout.sels[q].live_floor);
+          const uint32_t floor = uint32_t(live >> 32) == uint32_t(lg.group) ? uint32_t(live) : 0u;
+          const uint32_t order = topk_order_key(score[g]);
           const bool take = lg.query[g] >= 0 && key < n_keys && key >= lg.win[g].begin &&
-                            key < lg.win[g].end && candidate(score[g], key) >= floor;
+                            key < lg.win[g].end && order >= floor;
           // The warp's 16 rows of query q: lanes with a1 = 0 hold rows 0-7, a1 = 1 rows 8-15.
-          const uint32_t mine = __ballot_sync(kFull, take) & query_lanes;
+          const uint32_t mine = __ballot_sync(kFull, take) & (lp.b1 ? 0xCCCCCCCCu : 0x33333333u);
           const uint32_t low_rows = mine & 0x55555555u;
           const uint32_t at = lp.a1 ? __popc(low_rows) + __popc(mine & ~low_rows & lanes_below())
                                     : __popc(low_rows & lanes_below());
-          const int list = math_warp * L::kQueries + q;
+          const int list = int(threadIdx.x / 32) * L::kQueries + q;
           if (take) {
-            slot.order[list][at] = topk_order_key(score[g]);
+            slot.order[list][at] = order;
             slot.row[list][at] = uint8_t(lp.row % 16);
           }
           if ((lane_id() & ~2) == 0) slot.count[list] = __popc(mine);
