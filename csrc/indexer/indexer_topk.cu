@@ -159,11 +159,6 @@ struct FusedLayout {
   }
 };
 
-__device__ __forceinline__ unsigned long long candidate(float score, int key) {
-  return (static_cast<unsigned long long>(topk_order_key(score)) << 32) |
-         static_cast<uint32_t>(~static_cast<uint32_t>(key));
-}
-
 __device__ __forceinline__ void selection_sync() {
   asm volatile("bar.sync %0, %1;" ::"n"(kSelectionBarrier), "n"(kSelectionThreads) : "memory");
 }
