@@ -115,7 +115,10 @@ def indexer_topk(
 
     Extra memory: on the CPU one row of scores per thread; on CUDA a score workspace of at most
     128 MiB (``floor(128 MiB / 4N)`` rows, at least one), whatever S and N are, scored and
-    selected chunk by chunk on the stream (the fused kernel that needs no workspace is issue 5).
+    selected chunk by chunk on the stream. ``INDEXCACHE_INDEXER_TOPK=fused`` in the environment
+    selects the fused kernel instead (no workspace at all; S >= 16 x SMs at 64 heads, 32 x SMs at
+    32; slower than the chunked path so far, bench/NOTES.md); its unsorted rows come in
+    ascending key order.
     """
     if out is None:
         return _ops.indexer_topk(q, k, k_scale, weights, ks, ke, topk, sorted)
