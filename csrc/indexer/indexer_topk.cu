@@ -16,8 +16,9 @@
 //   math warps wait only when the ring is full. (The first version ran the selection on the math
 //   warps: 0.67x the two-kernel path; bench/NOTES.md has this one's numbers and profile.)
 // - Registers: 640 threads launch at 96. The math warpgroups take 104 (64 accumulators, 32 head
-//   weights, the filter; no spills) and the producer/selection warpgroup keeps 64:
-//   512 x 104 + 128 x 64 = 640 x 96. The selection's loop state spills a few words at 64.
+//   weights, the filter) and the producer/selection warpgroup keeps 64:
+//   512 x 104 + 128 x 64 = 640 x 96. Both spill a few words (H = 64, D = 128: 44 B; four of the
+//   spill instructions sit in the math warps' filter, once per tile).
 // - Schedule: whole query groups per CTA (balanced_range with kWholeItems), so a query's selection
 //   never leaves its CTA: no workspace, no merge pass. Runs differ by up to one group's tiles,
 //   which is why the op takes this kernel only where there are >= kMinGroupsPerSm groups per SM
@@ -46,7 +47,7 @@
 //   tile, once per ~250 tiles at N = 64K), 3 key stages at H = 64 and 2 at H = 32
 //   (indexer_logits: 2 and 5), a pool per query (H = 64: 2 kMaxTopk + 1024 entries, 40 KB; H = 32:
 //   kMaxTopk + 1536, 28 KB) with 2 x 1 KB of histograms, and a staging ring of what is left
-//   (10 tiles at H = 64).
+//   (11 tiles at H = 64, D = 128).
 #include <cuda_runtime.h>
 
 #include <cstdint>
