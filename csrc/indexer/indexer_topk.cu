@@ -17,7 +17,7 @@
 //   warps: 0.67x the two-kernel path; bench/NOTES.md has this one's numbers and profile.)
 // - Registers: 640 threads launch at 96. The math warpgroups take 104 (64 accumulators, 32 head
 //   weights, the filter) and the producer/selection warpgroup keeps 64:
-//   512 x 104 + 128 x 64 = 640 x 96. Both spill a few words (H = 64, D = 128: 44 B; four of the
+//   512 x 104 + 128 x 64 = 640 x 96. Both spill a few words (H = 64, D = 128: 64 B; three of the
 //   spill instructions sit in the math warps' filter, once per tile).
 // - Schedule: whole query groups per CTA (balanced_range with kWholeItems), so a query's selection
 //   never leaves its CTA: no workspace, no merge pass. Runs differ by up to one group's tiles,
@@ -26,13 +26,14 @@
 // - A candidate is the 64-bit (topk_order_key(score) << 32) | ~key: larger means selected first,
 //   and candidates of one query are distinct, so "the k largest candidates" is the exact
 //   top-k with ties to the smaller key, whatever order they were found in.
-// - Floors: a math warp reads its query's floor from shared memory as it is (relaxed 64-bit
-//   atomics: the word packs the query group and the floor's order key, so a floor is never taken
-//   for the wrong group). The test is order key >= the floor's, which lets the ties at the floor
-//   through whatever their key: a weaker floor, still safe. Any floor a cut has set stays valid
-//   for the rest of the group (k candidates above it are never dropped), so reading one late only
-//   lets more keys through. (Floors handed over in the staged slots, up to a ring's length old,
-//   cost ~25 % more cuts and copies in the replay of tests/test_fused_selection_protocol.py.)
+// - Floors: a math warp reads its query's floor from shared memory as it is, one 64-bit atomic per
+//   query and warp at the end of the tile before the one it filters (the word packs the query
+//   group and the floor's order key, so a floor is never taken for the wrong group). The test is
+//   order key >= the floor's, which lets the ties at the floor through whatever their key: a
+//   weaker floor, still safe. Any floor a cut has set stays valid for the rest of the group (k
+//   candidates above it are never dropped), so reading one late only lets more keys through.
+//   (Floors handed over in the staged slots, up to a ring's length old, cost ~25 % more cuts and
+//   copies in the replay of tests/test_fused_selection_protocol.py.)
 // - Pools stay in key order: a tile's lists are copied at offsets from a scan of their counts, and
 //   compaction is a stable scan too (no atomics decide positions). The unsorted output is that
 //   order, so both outputs are the same on every run.
@@ -80,7 +81,7 @@ struct QuerySelection {
   static constexpr int kPoolEntries = kPoolEntries_;
   unsigned long long pool[kPoolEntries];  // candidates in ascending key order
   uint32_t hist[2][kBins];                // radix select; the cut's sample reuses hist[0]
-  // (query group << 32) | the floor's order key; relaxed atomic loads and stores only.
+  // (query group << 32) | the floor's order key; read and written with atomics only.
   unsigned long long live_floor;
   unsigned long long pad;                 // sizeof a multiple of 16 (alignment)
 };
@@ -149,7 +150,7 @@ struct FusedLayout {
   Sel* sels;
   SelectState* state;
   uint64_t* staged;    // kStagingStages: a tile's candidates are in (kMathThreads arrivals)
-  uint64_t* consumed;  // kStagingStages: the selection is done with a tile (one per warp)
+  uint64_t* consumed;  // kStagingStages: the selection is done with a tile (every thread)
 
   __device__ __forceinline__ explicit FusedLayout(uint8_t* extra) {
     staging = reinterpret_cast<Staged*>(extra);
@@ -170,14 +171,21 @@ __device__ __forceinline__ uint32_t lanes_below() {
   return m;
 }
 
-__device__ __forceinline__ unsigned long long load_relaxed(const unsigned long long* p) {
+// The live floors are read and written with atomics (relaxed, CTA scope): a plain relaxed load
+// and store say the same to the memory model, but compute-sanitizer's racecheck reports them as
+// races and does not report atomics. They cost time: at the headline shape on the H200 6535 us
+// with relaxed loads and stores, 6832 with atomics read a tile early (this code), 7091 with
+// atomics read at the filter (bench/NOTES.md, session 15).
+__device__ __forceinline__ unsigned long long load_atomic(const unsigned long long* p) {
   unsigned long long v;
-  asm volatile("ld.relaxed.cta.shared.u64 %0, [%1];" : "=l"(v) : "r"(smem_addr(p)));
+  asm volatile("atom.relaxed.cta.shared.or.b64 %0, [%1], 0;"
+               : "=l"(v) : "r"(smem_addr(p)) : "memory");
   return v;
 }
 
-__device__ __forceinline__ void store_relaxed(unsigned long long* p, unsigned long long v) {
-  asm volatile("st.relaxed.cta.shared.u64 [%0], %1;" ::"r"(smem_addr(p)), "l"(v) : "memory");
+__device__ __forceinline__ void store_atomic(unsigned long long* p, unsigned long long v) {
+  asm volatile("atom.relaxed.cta.shared.exch.b64 _, [%0], %1;" ::"r"(smem_addr(p)), "l"(v)
+               : "memory");
 }
 
 __device__ __forceinline__ unsigned long long live_floor(int group, unsigned long long floor) {
@@ -359,7 +367,7 @@ __device__ uint32_t cut(Sel& s, SelectState& st, uint32_t n, uint32_t k, bool ex
     selection_sync();  // st.above read by all before a later cut resets it
   }
   if (!found) threshold = kth_largest(s, st, n, k, rank);
-  if (rank == 0 && !exact) store_relaxed(&s.live_floor, live_floor(group, threshold));
+  if (rank == 0 && !exact) store_atomic(&s.live_floor, live_floor(group, threshold));
   return compact(s, st, n, threshold, rank);
 }
 
@@ -443,7 +451,7 @@ __device__ void select_range(const IndexerTopkParams& tp, const TileRange& range
     const GroupKeys keys = group_keys<typename L::C>(p, group);
     const int take = min(keys.tiles - first, left);
     if (take > 0) {
-      if (rank < L::kQueries) store_relaxed(&layout.sels[rank].live_floor, live_floor(group, 0));
+      if (rank < L::kQueries) store_atomic(&layout.sels[rank].live_floor, live_floor(group, 0));
       uint32_t counts[L::kQueries];
 #pragma unroll
       for (int q = 0; q < L::kQueries; ++q) counts[q] = 0;
@@ -453,8 +461,9 @@ __device__ void select_range(const IndexerTopkParams& tp, const TileRange& range
         Barrier::wait(&layout.staged[r.stage], r.phase);
         auto& slot = layout.staging[r.stage];
         copy_tile(layout, slot, keys.lo + t * L::kTileKeys, counts, rank);
-        __syncwarp();
-        if (lane_id() == 0) Barrier::arrive(&layout.consumed[r.stage]);
+        // Every selection thread arrives: racecheck orders a thread's reads before another's
+        // writes through an mbarrier only for the arriving thread's own accesses.
+        Barrier::arrive(&layout.consumed[r.stage]);
         if (t + 1 < keys.tiles) {
 #pragma unroll
           for (int q = 0; q < L::kQueries; ++q) {
@@ -502,7 +511,7 @@ __global__ void __launch_bounds__(FusedLayout<kHeads, kHeadDim>::C::kThreads, 1)
   if (threadIdx.x == 0) {
     for (int i = 0; i < L::kStagingStages; ++i) {
       Barrier::init(&layout.staged[i], C::kMathThreads);
-      Barrier::init(&layout.consumed[i], kSelectionThreads / 32);
+      Barrier::init(&layout.consumed[i], kSelectionThreads);
     }
     for (int q = 0; q < L::kQueries; ++q) layout.sels[q].live_floor = live_floor(-1, 0);
     smem.init_barriers();  // fences every init above too
@@ -536,6 +545,12 @@ __global__ void __launch_bounds__(FusedLayout<kHeads, kHeadDim>::C::kThreads, 1)
   // floor (see NOTES: any floor the selection has set for the group is safe to read, late or not).
   const int n_keys = static_cast<int>(p.N);
   int staged = 0;
+  // The floors a tile filters with, read (one atomic per query and warp: lanes 0 and 2 hold
+  // b1 = 0 and 1) at the end of the tile before, so the read's latency is off the filter's path.
+  // A word of another group (or the 0 it starts as) means no floor.
+  unsigned long long floor_word[C::kQueriesPerLane];
+#pragma unroll
+  for (int g = 0; g < C::kQueriesPerLane; ++g) floor_word[g] = 0;
   float acc[C::kAccum];
   consume_ragged<C>(
       p, range, smem, lp, acc, [](const LaneGroup<C>&) {},
@@ -546,7 +561,7 @@ __global__ void __launch_bounds__(FusedLayout<kHeads, kHeadDim>::C::kThreads, 1)
 #pragma unroll
         for (int g = 0; g < C::kQueriesPerLane; ++g) {
           const int q = 2 * g + lp.b1;
-          const unsigned long long live = load_relaxed(&layout.sels[q].live_floor);
+          const unsigned long long live = __shfl_sync(kFull, floor_word[g], lp.b1 * 2);
           const uint32_t floor = uint32_t(live >> 32) == uint32_t(lg.group) ? uint32_t(live) : 0u;
           const uint32_t order = topk_order_key(score[g]);
           const bool take = lg.query[g] >= 0 && key < n_keys && key >= lg.win[g].begin &&
@@ -564,6 +579,12 @@ __global__ void __launch_bounds__(FusedLayout<kHeads, kHeadDim>::C::kThreads, 1)
           if ((lane_id() & ~2) == 0) slot.count[list] = __popc(mine);
         }
         Barrier::arrive(&layout.staged[r.stage]);
+        if ((lane_id() & ~2) == 0) {
+#pragma unroll
+          for (int g = 0; g < C::kQueriesPerLane; ++g) {
+            floor_word[g] = load_atomic(&layout.sels[2 * g + lp.b1].live_floor);
+          }
+        }
       },
       [](const LaneGroup<C>&) {});
 }
