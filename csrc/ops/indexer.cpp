@@ -140,7 +140,7 @@ void check_tma_operand(const ArgCheck& c, const char* name, const at::Tensor& t,
 //   two-kernel path rather than above it. The paged (decode) form always takes it.
 // - The fused kernel (csrc/indexer/indexer_topk.cu: no workspace at all) serves the ragged form
 //   where cuda::indexer_topk_fused_applies() says so, but only with INDEXCACHE_INDEXER_TOPK=fused
-//   in the environment: it passes its GPU tests but measured 0.83x the two-kernel path (its
+//   in the environment: it passes its GPU tests but measured 0.79x the two-kernel path (its
 //   selection warps cannot keep up with the MMA; bench/NOTES.md), so it stays a zero-workspace
 //   option, not the default.
 constexpr int64_t kScoreWorkspaceBytes = int64_t{128} << 20;
