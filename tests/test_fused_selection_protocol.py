@@ -81,7 +81,8 @@ def cut(pool: list[int], k: int, exact: bool) -> tuple[list[int], int]:
     return kept_in_order, prefix
 
 
-def group_tiles(begin: int, end: int, lo: int) -> int:
+def group_tiles(end: int, lo: int) -> int:
+    """Tiles of a group whose keys start at lo and whose widest window ends at end."""
     return -(-(end - lo) // TILE)
 
 
@@ -94,8 +95,8 @@ def fused_topk(scores: np.ndarray, begin: int, end: int, k: int, lo: int, pool_s
     tiles, as a CTA holding part of a split group selects them."""
     cut_above = pool_size - TILE  # one more tile can append at most TILE entries
     pool, floors = [], [0]
-    first, tiles = part if part is not None else (0, group_tiles(begin, end, lo))
-    for t in range(first, tiles):
+    first, last = part if part is not None else (0, group_tiles(end, lo))
+    for t in range(first, last):
         floor = floors[max(0, len(floors) - 1 - lag)]
         for key in range(lo + t * TILE, lo + (t + 1) * TILE):
             if begin <= key < end:
@@ -103,7 +104,7 @@ def fused_topk(scores: np.ndarray, begin: int, end: int, k: int, lo: int, pool_s
                 if c >> 32 >= floor >> 32:  # the math warps test order keys only (ties pass)
                     pool.append(c)
         assert len(pool) <= pool_size, "pool overflow"
-        if t + 1 < tiles and len(pool) > cut_above:
+        if t + 1 < last and len(pool) > cut_above:
             pool, new_floor = cut(pool, k, exact=False)
             floors.append(new_floor)
         else:
@@ -237,7 +238,7 @@ def split_topk(scores: np.ndarray, begin: int, end: int, k: int, lo: int, pool_s
                cuts: list[int], lag: int = 0) -> list[int]:
     """A group cut at tiles `cuts` (sorted, inside the group): each part selected alone, then
     merged. The unsorted row (key order), -1 padded."""
-    bounds = [0] + cuts + [group_tiles(begin, end, lo)]
+    bounds = [0] + cuts + [group_tiles(end, lo)]
     parts = [fused_topk(scores, begin, end, k, lo, pool_size, lag, (a, b))[1]
              for a, b in zip(bounds, bounds[1:])]
     keys = merge_parts(scores, parts, k, pool_size)
@@ -253,7 +254,7 @@ def test_split_groups_equal_brute_force(heads, kind, k):
     scores = rows(kind, n, rng)
     for begin, end in [(0, n), (17, 5000), (300, 300 + k), (4000, 4301)]:
         lo = begin - begin % 16
-        tiles = group_tiles(begin, end, lo)
+        tiles = group_tiles(end, lo)
         want = brute_force(scores, begin, end, k)
         want_key_order = sorted(i for i in want if i >= 0) + [i for i in want if i < 0]
         # A cut after the first tile, in the middle, before the last; two and three parts.
