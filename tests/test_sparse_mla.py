@@ -78,6 +78,23 @@ def test_sparse_mla_prefill_large_logits(gen, device):
     run_prefill(q * 8, kv, indices, 0.5, device)
 
 
+def test_sparse_mla_prefill_scores_rising_across_tiles(gen, device):
+    # The GPU kernel keeps its softmax reference until a tile's row max exceeds it by 2^8 (in
+    # exp2 units) and only then rescales O. Here a head's scores climb by ~18 (q . w) such units
+    # per 64-key tile: heads with |q . w| < 0.44 stay on their reference for several tiles (P up
+    # to 2^8), the others move it every tile (or never, where q . w < 0); over the 8 tiles the
+    # rows with q . w > 1 climb past 2^128, so a reference that never moved overflows to NaN.
+    # 264 query rows: enough CTAs that the top-k is not split (a split CTA sees 2 tiles).
+    S, N, Hq = 264, 512, 16
+    q = randn(gen, S, Hq, ref.MLA_DIM, dtype=torch.bfloat16)
+    w = randn(gen, ref.MLA_DIM)
+    w /= w.norm()
+    ramp = 300.0 * (torch.arange(N) // 64).float() + 2.0 * randn(gen, N)
+    kv = (ramp[:, None] * w + 0.05 * randn(gen, N, ref.MLA_DIM)).to(torch.bfloat16)
+    indices = torch.arange(N, dtype=torch.int32).expand(S, N).contiguous()  # row i in tile i // 64
+    run_prefill(q, kv.reshape(N, 1, ref.MLA_DIM), indices, SM_SCALE, device)
+
+
 # ---- decode
 
 

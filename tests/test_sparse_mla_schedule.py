@@ -217,15 +217,20 @@ def free(cta, b):
         yield ("mb_arrive_peer", cta.at(f"freed{b}", cta.peer))
 
 
-def tile_s(cta, b, t, phase):
-    """S of tile t in buffer b: each half once it has landed, then retired."""
+def tile_s(cta, b, t, phase, between=()):
+    """S of tile t in buffer b: each half once it has landed (`between`: the actions after the
+    first half's issue), then retired."""
     for h in (0, 1):
         yield ("mb_wait", cta.at(f"ready{b}{h}"), phase)
         yield ("issue", kv(cta, b, h, t))
+        if h == 0:
+            yield from between
     yield ("retire", 0)
 
 
-def math_wg0(m, n_tiles, cta):
+def math_wg0(m, n_tiles, cta, early_s):
+    """early_s (prefill): the next tile's S is queued behind this tile's P V, which is retired
+    and its buffer freed between the two halves of that S."""
     at = cta.at
     if n_tiles:
         yield from tile_s(cta, 0, 0, 0)
@@ -239,6 +244,10 @@ def math_wg0(m, n_tiles, cta):
         yield ("write", at("alpha"), ("alpha", t))
         yield ("bar_sync", at(P_READY))
         yield ("issue", [(r, ("kv", t)) for r in cta.latent(b, 0, cta.rows)])  # own P V
+        if early_s and t + 1 < n_tiles:
+            free_after_pv = [("retire", 1)] + list(free(cta, b))
+            yield from tile_s(cta, b ^ 1, t + 1, ((t + 1) >> 1) & 1, free_after_pv)
+            continue
         yield ("retire", 0)
         yield from free(cta, b)  # before waiting for the next tile
         if t + 1 < n_tiles:
@@ -269,15 +278,16 @@ def math_wg1(m, n_tiles, cta, fp8):
             yield ("bar_sync", at(P_FREE))
 
 
-FILLS = {  # fill -> (FP8 rows, paired CTAs), as the kernel instantiates them
-    "bf16": (False, False),  # prefill and bf16 decode
-    "fp8": (True, False),
-    "fp8-paired": (True, True),
+FILLS = {  # fill -> (FP8 rows, paired CTAs, next S behind the P V), as the kernel instantiates them
+    "prefill": (False, False, True),
+    "bf16": (False, False, False),  # bf16 decode
+    "fp8": (True, False, False),
+    "fp8-paired": (True, True, False),
 }
 
 
 def run(n_tiles, fill, rng, racecheck_rules=True):
-    fp8, paired = FILLS[fill]
+    fp8, paired, early_s = FILLS[fill]
     ctas = [Cta(c, paired) for c in ((0, 1) if paired else (0,))]
     # A tile buffer is free once both warpgroups' P V of its tile are done; paired, in both CTAs
     # (128 local threads + 4 remote warps per warpgroup), and a half is ready once both producers
@@ -292,7 +302,7 @@ def run(n_tiles, fill, rng, racecheck_rules=True):
     roles = {}
     for cta in ctas:
         roles[cta.at("producer")] = producer(m, n_tiles, fp8, cta)
-        roles[cta.at("wg0")] = math_wg0(m, n_tiles, cta)
+        roles[cta.at("wg0")] = math_wg0(m, n_tiles, cta, early_s)
         roles[cta.at("wg1")] = math_wg1(m, n_tiles, cta, fp8)
     blocked = {}  # role -> the action it waits on
     steps = 0
@@ -390,6 +400,13 @@ def test_the_checker_catches_an_early_refill():
     overwrites V while it is still read."""
     assert_mutant_caught({"producer": dropping(lambda act: act[:2] == ("mb_wait", "0:freed0"))},
                          6, 11)
+
+
+def test_the_checker_catches_a_free_before_the_p_v_retires():
+    """Prefill: WG0 freeing its buffer between the halves of the next S without first retiring
+    its P V (the S batch behind it keeps it pending) lets the producer overwrite V in flight."""
+    assert_mutant_caught({"math_wg0": dropping(lambda act: act == ("retire", 1))}, 6, 19,
+                         "prefill")
 
 
 def test_the_checker_catches_an_early_p_overwrite():

@@ -21,7 +21,10 @@
 //   refilled whole once both P V of its tile are done, a tile of compute before WG0 needs it:
 //   room for rows that come from HBM (decode rows are read once). FP8 rows must also be
 //   dequantised after they land: the producer dequantises half 0, WG1 (otherwise idle between
-//   its P V) half 1, while its P V of the tile before runs.
+//   its P V) half 1, while its P V of the tile before runs. Prefill queues the next S right
+//   behind WG0's P V (WG0 gets 240 registers, WG1 192, so P stays live without spilling).
+// - WG0's chain per tile (S, softmax, the handoff, its P V) is what the tensor cores wait on, so
+//   the softmax rescales O only when a row max has grown by more than 2^8 (MathRegs, softmax).
 // - Prefill ran a second schedule until session 13: the math warpgroups took alternate tiles,
 //   each multiplying both tiles' P into its O columns, with the row max handed over every tile.
 //   Half of each refill was then needed right after it was freed. This one measured the same or
@@ -88,12 +91,7 @@ constexpr int kVColsPerWg = kMlaDimLatent / 2;
 constexpr int kMathThreads = 256;    // two math warpgroups
 constexpr int kProducerThreads = 128;
 constexpr int kThreads = kMathThreads + kProducerThreads;
-// Registers per thread after setmaxnreg: the block starts with 168 each (384 x 168 <= 64K), and
-// the increase must be covered by what the producer gives back.
-constexpr int kMathRegs = 216;
 constexpr int kProducerRegs = 72;
-static_assert(kMathThreads * kMathRegs + kProducerThreads * kProducerRegs <= 168 * kThreads,
-              "register file");
 constexpr int kRowChunks = kMlaDimQK * 2 / 16;  // 72 x 16 B per bf16 row
 constexpr int kColBlocks = kMlaDimQK / 64;      // 9 swizzled column blocks of 64 dims per tile
 constexpr int kHalf0Blocks = 4;                 // half 0: dims 0-255 (WG0's V columns)
@@ -231,6 +229,19 @@ __device__ __forceinline__ void wait_cluster(uint64_t* bar, uint32_t phase) {
 // ---- problem -------------------------------------------------------------------------------
 
 enum class Mode { kPrefill, kDecodeBf16, kDecodeFp8 };
+
+// Registers per thread after setmaxnreg: the block starts with 168 each (384 x 168 <= 64K), and
+// the increases must be covered by what the producer gives back. Prefill queues S of the next
+// tile behind WG0's P V, so WG0's P fragment stays live across that issue: at 216 registers
+// ptxas spilled 72 B there (session 13). WG1 holds little beside its 128 accumulators, except
+// with the FP8 cache, where it dequantises half of every tile.
+template <Mode kMode>
+struct MathRegs {
+  static constexpr int kWg0 = kMode == Mode::kPrefill ? 240 : 216;
+  static constexpr int kWg1 = kMode == Mode::kPrefill ? 192 : 216;
+  static_assert(128 * (kWg0 + kWg1) + kProducerThreads * kProducerRegs <= 168 * kThreads,
+                "register file");
+};
 
 // Everything a CTA needs, for both ops. Query row `r` is prefill's s or decode's b * next_n + j.
 struct Problem {
@@ -676,16 +687,23 @@ __device__ __forceinline__ void issue_pv(Mma& mma, const TA& tA, const TB& tB, T
   warpgroup_commit_batch();
 }
 
-// P (64 x 64, bf16 pairs from the S accumulator layout) into a swizzled P tile.
+// P (64 x 64 bf16, in the S accumulator layout) into a swizzled P tile. Each 8 x 8 block of the
+// layout is one register per thread in stmatrix's order (row lane / 4, columns 2 (lane % 4) + 0,
+// 1), so four stmatrix.x4 store a warp's 16 rows; lanes 8m .. 8m + 7 address the rows of the
+// m-th block of an instruction, whose 16 bytes are one swizzled chunk (conflict-free). Word w of
+// the fragment holds elements 2w, 2w + 1: block (rows + 8h, columns 8j) is word 2j + h.
 template <class TP>
-__device__ __forceinline__ void store_p(const TP& rP, uint32_t dst, int row_in_wg, int lane) {
+__device__ __forceinline__ void store_p(const TP& rP, uint32_t dst, int warp, int lane) {
+  const auto words = cute::recast<uint32_t>(rP);
+  const int m = lane / 8;
+  const int r = 16 * (warp % 4) + 8 * (m % 2) + lane % 8;
   CUTE_UNROLL
-  for (int e = 0; e < cute::size(rP); e += 2) {
-    const int r = row_in_wg + 8 * ((e / 2) % 2);
-    const int col = 8 * (e / 4) + 2 * (lane % 4);
-    const uint32_t off = r * 64 + (((col >> 3) ^ (r & 7)) << 3) + (col & 7);
-    asm volatile("st.shared.u32 [%0], %1;\n" ::"r"(dst + 2 * off),
-                 "r"(pack_bf16x2(rP(e), rP(e + 1)))
+  for (int j = 0; j < 8; j += 2) {
+    const int c = j + m / 2;
+    asm volatile("stmatrix.sync.aligned.m8n8.x4.shared.b16 [%0], {%1, %2, %3, %4};\n" ::"r"(
+                     dst + 2 * (r * 64 + ((c ^ (r & 7)) << 3))),
+                 "r"(words(2 * j)), "r"(words(2 * j + 1)), "r"(words(2 * j + 2)),
+                 "r"(words(2 * j + 3))
                  : "memory");
   }
 }
@@ -747,7 +765,6 @@ __global__ void __launch_bounds__(kThreads, 1)
     if constexpr (kPaired) cluster_sync_all();
     return;
   }
-  cutlass::arch::warpgroup_reg_alloc<kMathRegs>();
 
   TiledMmaS mma_s;
   TiledMmaOwnP mma_own;
@@ -787,33 +804,42 @@ __global__ void __launch_bounds__(kThreads, 1)
   // register layout of the P V wgmma has the same element order, so P converts element-wise).
   const int row_in_wg = 16 * (warp % 4) + lane / 4;
   const float scale_log2 = p.sm_scale * 1.4426950408889634f;
-  float m_run[2] = {kNegInf, kNegInf};  // raw-score row max that O and l are relative to
+  float m_run[2] = {kNegInf, kNegInf};  // raw-score reference that O and l are relative to
   float l_run[2] = {0.0f, 0.0f};        // WG0: the row sums, same reference
 
   // Masks S of the tile in buffer b (invalid keys: -inf); `tile_max`: its row max.
   auto mask_s = [&](int b, float (&tile_max)[2]) {
     const uint32_t v0 = ss.valid[b][0], v1 = ss.valid[b][1];
+    if ((v0 & v1) != 0xFFFFFFFFu) {  // the same for the whole CTA; prefill's tiles rarely mask
+      CUTE_UNROLL
+      for (int e = 0; e < size(rS); ++e) {
+        const int col = 8 * (e / 4) + 2 * (lane % 4) + (e % 2);
+        const uint32_t word = e / 4 < 4 ? v0 : v1;
+        if (!((word >> (col % 32)) & 1u)) rS(e) = kNegInf;
+      }
+    }
     float mx[2] = {kNegInf, kNegInf};
     CUTE_UNROLL
-    for (int e = 0; e < size(rS); ++e) {
-      const int col = 8 * (e / 4) + 2 * (lane % 4) + (e % 2);
-      const uint32_t word = e / 4 < 4 ? v0 : v1;
-      const float s = (word >> (col % 32)) & 1u ? rS(e) : kNegInf;
-      rS(e) = s;
-      mx[(e / 2) % 2] = fmaxf(mx[(e / 2) % 2], s);
-    }
+    for (int e = 0; e < size(rS); ++e) mx[(e / 2) % 2] = fmaxf(mx[(e / 2) % 2], rS(e));
     CUTE_UNROLL
     for (int h = 0; h < 2; ++h) tile_max[h] = quad_max(mx[h]);
   };
-  // WG0: folds the masked tile's row max into m_run and makes P relative to the result (rS: fp32
-  // P, rP: bf16 P); O and l move to the new reference by `alpha`.
+  // WG0: moves the reference m_run to the masked tile's row max where that exceeds it by more
+  // than kRescaleSlack (log2 units of the scaled score), and makes P relative to the reference
+  // (rS: fp32 P, rP: bf16 P); O and l move to a new reference by `alpha`. Otherwise the
+  // reference stays and alpha is 1, so neither warpgroup rescales its 128 accumulators: P is then
+  // at most 2^kRescaleSlack, far inside fp32 and bf16 range, and the result is the same sum (the
+  // epilogue divides by l and adds the reference back into the lse).
   auto softmax = [&](const float (&tile_max)[2], float (&alpha)[2]) {
+    constexpr float kRescaleSlack = 8.0f;
     float m_scaled[2];
     CUTE_UNROLL
     for (int h = 0; h < 2; ++h) {
-      const float m_new = fmaxf(m_run[h], tile_max[h]);
+      // Written so that a row with no valid key yet (m_run = -inf) always moves.
+      const bool rebase = !(tile_max[h] * scale_log2 <= fmaf(m_run[h], scale_log2, kRescaleSlack));
+      const float m_new = rebase ? tile_max[h] : m_run[h];
       const float m_use = m_new == kNegInf ? 0.0f : m_new;  // no valid key yet: exp2(-inf) = 0
-      alpha[h] = exp2f((m_run[h] - m_use) * scale_log2);
+      alpha[h] = rebase ? exp2f((m_run[h] - m_use) * scale_log2) : 1.0f;
       m_scaled[h] = m_use * scale_log2;
       m_run[h] = m_new;
       l_run[h] *= alpha[h];
@@ -853,16 +879,19 @@ __global__ void __launch_bounds__(kThreads, 1)
   };
 
   using cutlass::arch::ClusterBarrier;
-  // S of the tile in buffer b (`phase`: its fill's parity), each half once it has landed.
-  auto tile_s = [&](int b, uint32_t phase) {
+  // S of the tile in buffer b (`phase`: its fill's parity), each half once it has landed;
+  // `between` runs after the first half is issued.
+  auto tile_s = [&](int b, uint32_t phase, auto between) {
     bf16* const buf = b ? buf1 : buf0;
     ClusterBarrier::wait(&ss.ready[b][0], phase);
     warpgroup_fence_operand(rS);
     issue_s<0, 16>(mma_s, frag_q(), frag_k(buf), rS, true);
+    between();
     ClusterBarrier::wait(&ss.ready[b][1], phase);
     issue_s<16, 36>(mma_s, frag_q(), frag_k(buf), rS, false);
     wait_s();
   };
+  const auto nothing = [] {};
   ClusterBarrier::wait(&ss.q_ready, 0);
   // WG0: S of every tile, the softmax (the one running max), P to smem for WG1, P V of O
   // columns 0-255 from registers; S of the next tile overlaps WG1's P V. WG1: rescales its O by
@@ -875,7 +904,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   // bar.syncs each has passed, so a bar.arrive -> bar.sync handoff in both directions reads as
   // a race (bench/racecheck_probe.cu; bench/NOTES.md, session 10).
   if (wg == 0) {
-    if (n_tiles > 0) tile_s(0, 0);
+    cutlass::arch::warpgroup_reg_alloc<MathRegs<kMode>::kWg0>();
+    if (n_tiles > 0) tile_s(0, 0, nothing);
     for (int tile = 0; tile < n_tiles; ++tile) {
       const int b = tile & 1;
       ClusterBarrier::wait(&ss.valid_ready[b], (tile >> 1) & 1);
@@ -883,20 +913,33 @@ __global__ void __launch_bounds__(kThreads, 1)
       mask_s(b, tile_max);
       softmax(tile_max, alpha);
       if (tile > 0) named_sync(kPFree, kMathThreads);  // WG1 done with P, alpha of tile - 1
-      store_p(rS, cute::cast_smem_ptr_to_uint(p_ptr), row_in_wg, lane);
+      store_p(rP, cute::cast_smem_ptr_to_uint(p_ptr), warp, lane);
       publish_rows(kAlpha, alpha);
       cutlass::arch::fence_view_async_shared();
       named_sync(kPReady, kMathThreads);
       warpgroup_fence_operand(rO);
       warpgroup_fence_operand(rP);
       issue_pv(mma_own, rP, frag_v(thr_own, b ? buf1 : buf0), rO);
-      // Buffer b is freed as soon as this P V is done, not once the next tile has arrived (which
-      // made the refill of b wait on the fill of the other buffer: FP8 decode 285 TFLOP/s at
-      // d2a6110 then, bf16 decode 396 -> 417 without).
-      warpgroup_wait<0>();
-      warpgroup_fence_operand(rO);
-      free_buffer(b);
-      if (tile + 1 < n_tiles) tile_s(b ^ 1, ((tile + 1) >> 1) & 1);
+      auto free_after_pv = [&] {
+        warpgroup_wait<kMode == Mode::kPrefill ? 1 : 0>();  // this P V (prefill: not the S)
+        warpgroup_fence_operand(rO);
+        free_buffer(b);
+      };
+      if (kMode == Mode::kPrefill && tile + 1 < n_tiles) {
+        // Prefill: the next tile landed during this one (its rows come from L2), so the first
+        // half of its S queues right behind this P V (the tensor cores do not idle while WG0
+        // sees the P V retire and frees the buffer), and the buffer is freed before WG0 waits
+        // for the second half, whose fill may still be in flight: otherwise a late fill delays
+        // the next refill. Headline Hq = 128 449.7 -> 455 -> 484 TFLOP/s (bench/NOTES.md).
+        tile_s(b ^ 1, ((tile + 1) >> 1) & 1, free_after_pv);
+      } else {
+        // Decode: buffer b is freed as soon as this P V is done, not once the next tile has
+        // arrived (which made the refill of b wait on the fill of the other buffer: FP8 decode
+        // 285 TFLOP/s at d2a6110 then, bf16 decode 396 -> 417 without). Its S queued behind
+        // the P V measured slower for bf16 decode (442 -> 423 TFLOP/s, session 16).
+        free_after_pv();
+        if (tile + 1 < n_tiles) tile_s(b ^ 1, ((tile + 1) >> 1) & 1, nothing);
+      }
     }
   } else {
     // FP8: WG1 dequantises half 1 of every tile (its own V columns and the second half of S)
@@ -916,6 +959,7 @@ __global__ void __launch_bounds__(kThreads, 1)
                                         });
       }
     };
+    cutlass::arch::warpgroup_reg_alloc<MathRegs<kMode>::kWg1>();
     if (n_tiles > 0) convert_half1(0);
     for (int tile = 0; tile < n_tiles; ++tile) {
       const int b = tile & 1;
