@@ -920,8 +920,9 @@ __global__ void __launch_bounds__(kThreads, 1)
       warpgroup_fence_operand(rO);
       warpgroup_fence_operand(rP);
       issue_pv(mma_own, rP, frag_v(thr_own, b ? buf1 : buf0), rO);
-      auto free_after_pv = [&] {
-        warpgroup_wait<kMode == Mode::kPrefill ? 1 : 0>();  // this P V (prefill: not the S)
+      // Frees buffer b once this P V has retired; `later` wgmma batches (the next S) may not.
+      auto free_after_pv = [&](auto later) {
+        warpgroup_wait<decltype(later)::value>();
         warpgroup_fence_operand(rO);
         free_buffer(b);
       };
@@ -931,13 +932,13 @@ __global__ void __launch_bounds__(kThreads, 1)
         // sees the P V retire and frees the buffer), and the buffer is freed before WG0 waits
         // for the second half, whose fill may still be in flight: otherwise a late fill delays
         // the next refill. Headline Hq = 128 449.7 -> 455 -> 484 TFLOP/s (bench/NOTES.md).
-        tile_s(b ^ 1, ((tile + 1) >> 1) & 1, free_after_pv);
+        tile_s(b ^ 1, ((tile + 1) >> 1) & 1, [&] { free_after_pv(cute::Int<1>{}); });
       } else {
         // Decode: buffer b is freed as soon as this P V is done, not once the next tile has
         // arrived (which made the refill of b wait on the fill of the other buffer: FP8 decode
         // 285 TFLOP/s at d2a6110 then, bf16 decode 396 -> 417 without). Its S queued behind
         // the P V measured slower for bf16 decode (442 -> 423 TFLOP/s, session 16).
-        free_after_pv();
+        free_after_pv(cute::Int<0>{});
         if (tile + 1 < n_tiles) tile_s(b ^ 1, ((tile + 1) >> 1) & 1, nothing);
       }
     }
