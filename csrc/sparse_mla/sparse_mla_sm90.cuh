@@ -24,7 +24,8 @@
 //   its P V) half 1, while its P V of the tile before runs. Prefill queues the next S right
 //   behind WG0's P V (WG0 gets 240 registers, WG1 192, so P stays live without spilling).
 // - WG0's chain per tile (S, softmax, the handoff, its P V) is what the tensor cores wait on, so
-//   the softmax rescales O only when a row max has grown by more than 2^8 (MathRegs, softmax).
+//   the softmax rescales O only when a row max has outgrown its reference by more than a
+//   factor 2^8 in P (MathRegs, softmax).
 // - Prefill ran a second schedule until session 13: the math warpgroups took alternate tiles,
 //   each multiplying both tiles' P into its O columns, with the row max handed over every tile.
 //   Half of each refill was then needed right after it was freed. This one measured the same or
@@ -810,7 +811,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   // Masks S of the tile in buffer b (invalid keys: -inf); `tile_max`: its row max.
   auto mask_s = [&](int b, float (&tile_max)[2]) {
     const uint32_t v0 = ss.valid[b][0], v1 = ss.valid[b][1];
-    if ((v0 & v1) != 0xFFFFFFFFu) {  // the same for the whole CTA; prefill's tiles rarely mask
+    if ((v0 & v1) != 0xFFFFFFFFu) {  // the same for the whole CTA; none in a full top-k list
       CUTE_UNROLL
       for (int e = 0; e < size(rS); ++e) {
         const int col = 8 * (e / 4) + 2 * (lane % 4) + (e % 2);
