@@ -177,7 +177,8 @@ fi
 if [ -n "${PROFILE:-}" ]; then
   # One capture per ';'-separated spec; the third call of each is captured (the first two warm
   # the allocator and the attribute caches). Clocks are left alone (METHOD.md). Only the text
-  # reports come back (summary sections, per-SASS-line counters); the .ncu-rep stays in /tmp.
+  # reports come back (summary sections, per-SASS-line counters and their sums per kernel line);
+  # the .ncu-rep stays in /tmp.
   IFS=';' read -ra profile_specs <<<"$PROFILE"
   n=0
   for spec in "${profile_specs[@]}"; do
@@ -196,6 +197,9 @@ if [ -n "${PROFILE:-}" ]; then
       ncu --import "/tmp/profile$n.ncu-rep" --page details >"$OUT/profile$n-details.txt" 2>&1 || true
       ncu --import "/tmp/profile$n.ncu-rep" --page source --csv --print-source sass \
         >"$OUT/profile$n-sass.csv" 2>&1 || true
+      # The samples per kernel line (bench/sass_lines.py), from the line table of the build here.
+      "$PY" -m bench.sass_lines "$OUT/profile$n-sass.csv" indexcache_ops/_C*.so \
+        >"$OUT/profile$n-lines.txt" 2>&1 || true
     fi
   done
 fi
