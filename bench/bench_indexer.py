@@ -6,9 +6,9 @@ weights + output written, compared with the copy ceiling (they are memory-bound)
 
 Headline: prefill S = 4096, N = 65536, H = 64, D = 128 with causal-tail (ks = 0,
 ke = N - S + t + 1) and full windows; decode B = 64, context 65536, next_n = 1. indexer_topk rows
-(k = 2048) compare the op as it ships (chunked), the fused kernel (`indexcache-fused`, switched
-on by INDEXCACHE_INDEXER_TOPK=fused) and the two-kernel path (indexer_logits then topk) they
-must beat.
+(k = 2048) compare the op as it ships (its route picked by shape: the sampled route at these
+sizes), its bounded-chunk route (`indexcache-chunked`, forced by INDEXCACHE_INDEXER_TOPK=chunked)
+and the two-kernel path (indexer_logits then topk) they must beat.
 Sweep: prefill S {2048, 4096, 8192} x N {8K, 32K, 64K, 128K} x {causal, full} x H {32, 64};
 decode B {1, 8, 64, 128} x context {8K, 32K, 64K, 128K} x next_n {1, 2}.
 """
@@ -96,12 +96,11 @@ def _torch_topk_into(out: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
 
 # --- cases ------------------------------------------------------------------------------------
 
-def _fused_requested(fn):
-    """fn with the fused indexer_topk kernel switched on (INDEXCACHE_INDEXER_TOPK=fused; the op
-    still takes the chunked path where the kernel does not apply: < 8 query groups per SM)."""
+def _route(name: str, fn):
+    """fn with INDEXCACHE_INDEXER_TOPK=name (the op's route forced: "chunked" or "sampled")."""
     def run(x):
         old = os.environ.get("INDEXCACHE_INDEXER_TOPK")
-        os.environ["INDEXCACHE_INDEXER_TOPK"] = "fused"
+        os.environ["INDEXCACHE_INDEXER_TOPK"] = name
         try:
             return fn(x)
         finally:
@@ -142,7 +141,7 @@ def _prefill_cases(ctx: Context, shape: dict) -> list[Case]:
         Case("indexer_topk", {**shape, "k": K}, inputs(K, torch.int32), [
             Impl("indexcache", lambda x: ops.indexer_topk(
                 x.q, x.k, x.k_scale, x.weights, x.ks, x.ke, K, out=x.out)),
-            Impl("indexcache-fused", _fused_requested(lambda x: ops.indexer_topk(
+            Impl("indexcache-chunked", _route("chunked", lambda x: ops.indexer_topk(
                 x.q, x.k, x.k_scale, x.weights, x.ks, x.ke, K, out=x.out))),
             Impl("indexcache-two-kernel", lambda x: ops.topk(logits(x), K, x.ks, x.ke, out=x.out)),
             Impl("torch", lambda x: _torch_topk_into(x.out, torch_indexer_logits(

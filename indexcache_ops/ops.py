@@ -113,12 +113,18 @@ def indexer_topk(
     Arguments as :func:`indexer_logits`, plus ``topk`` (1..2048) and ``sorted``.
     Returns ``[S, topk]`` int32 key indices, -1 padded.
 
-    Extra memory: on the CPU one row of scores per thread; on CUDA a score workspace of at most
-    128 MiB (``floor(128 MiB / 4N)`` rows, at least one), whatever S and N are, scored and
-    selected chunk by chunk on the stream. ``INDEXCACHE_INDEXER_TOPK=fused`` in the environment
-    selects the fused kernel instead (no workspace at all; S >= 16 x SMs at 64 heads, 32 x SMs at
-    32; slower than the chunked path so far, bench/NOTES.md); its unsorted rows come in
-    ascending key order.
+    Unsorted rows come in ascending key order, sorted ones in (score desc, key asc) order.
+
+    Extra memory: on the CPU one row of scores per thread. On CUDA one workspace of at most
+    128 MiB plus ``N / 32 * (D + 4) + 8 * S`` bytes, whatever S and N are. Large calls
+    (``S * N >= 2**26`` and ``N >= 24576``) score every 32nd key first, take from those scores a
+    threshold per query that keeps ~3.6 K of its keys (k = 2048), and score every key keeping
+    only those at or above it (the top k is then selected among them): no ``[S, N]`` at all.
+    A row whose sample misleads is detected exactly (too few or too many keys kept) and the call
+    then re-runs the bounded-chunk route on the device (about twice the time, same result).
+    Smaller calls take that route directly: ``floor(128 MiB / 4N)`` rows of scores at a time,
+    selected chunk by chunk on the stream. ``INDEXCACHE_INDEXER_TOPK=chunked`` or ``=sampled``
+    in the environment forces a route.
     """
     if out is None:
         return _ops.indexer_topk(q, k, k_scale, weights, ks, ke, topk, sorted)

@@ -1,7 +1,7 @@
 // Lightning-indexer scores, ragged prefill form, on SM90 FP8 tensor cores:
 // I[t, s] = k_scale[s] * sum_h w[t, h] * relu(q[t, h, :] . k[s, :]) for s in [ks[t], ke[t]),
 // -inf elsewhere in the row. Building blocks and the design rationale: indexer_sm90.cuh, the
-// schedule, producer and tile scoring shared with indexer_topk: indexer_ragged.cuh.
+// schedule, producer and tile scoring it shares with indexer_topk's candidates: indexer_ragged.cuh.
 //
 // NOTES:
 // - Every output element is written exactly once: a tile writes its columns below N; the columns
@@ -29,13 +29,14 @@ template <int kHeads, int kHeadDim>
 __global__ void __launch_bounds__(Config<kHeads, kHeadDim, 1>::kThreads, 1)
     indexer_logits_kernel(const IndexerLogitsParams p, const __grid_constant__ CUtensorMap tmap_q,
                           const __grid_constant__ CUtensorMap tmap_k) {
+  if (p.run_if != nullptr && *p.run_if == 0) return;
   using C = Config<kHeads, kHeadDim, 1>;
   extern __shared__ uint8_t smem_raw[];
   const SmemLayout<C> smem(smem_raw);
   if (threadIdx.x == 0) smem.init_barriers();
 
   const int num_groups = num_query_groups<C>(p);
-  const TileRange range = ragged_range<C, false>(p, smem.scratch);
+  const TileRange range = ragged_range<C>(p, smem.scratch);
 
   if (threadIdx.x >= C::kMathThreads) {
     // ---------------- producer warpgroup: one lane drives TMA ----------------

@@ -1,7 +1,8 @@
 // The ragged (prefill) form of the SM90 indexer, shared by its two kernels: indexer_logits.cu
-// writes every score, indexer_topk.cu keeps only each query's top k. Both walk the same persistent
-// schedule of query groups and 256-key tiles, load them with the same producer, and score a tile
-// with the same MMA + head fold; only what happens to the scores differs. Torch-free.
+// writes every score, indexer_topk/candidates.cu keeps the keys at or above each query's
+// threshold. Both walk the same persistent schedule of query groups and 256-key tiles, load them
+// with the same producer, and score a tile with the same MMA + head fold; only what happens to
+// the scores differs. Torch-free.
 //
 // NOTES:
 // - Work item = a group of 128 / H consecutive queries (one wgmma N = 128); its keys are the union
@@ -77,12 +78,11 @@ __host__ __device__ __forceinline__ int num_query_groups(const IndexerLogitsPara
   return static_cast<int>(ceil_div<int64_t>(p.S, C::kQueriesPerGroup));
 }
 
-// The CTA's share of the schedule (every thread calls it: it synchronises the block). kWholeGroups
-// keeps every query group on one CTA (see balanced_range).
-template <class C, bool kWholeGroups>
+// The CTA's share of the schedule (every thread calls it: it synchronises the block).
+template <class C>
 __device__ __forceinline__ TileRange ragged_range(const IndexerLogitsParams& p,
                                                   int64_t* scratch) {
-  return balanced_range<C::kThreads, kWholeGroups>(
+  return balanced_range<C::kThreads>(
       num_query_groups<C>(p), [&](int64_t g) -> int64_t { return group_keys<C>(p, g).tiles; },
       scratch);
 }

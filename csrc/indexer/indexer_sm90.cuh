@@ -53,11 +53,10 @@
 namespace indexcache {
 namespace indexer_sm90 {
 
-// kExtraBytes_: shared memory a kernel keeps beside the rings (indexer_topk's selection state),
-// taken from kSmemBudget_ before the key stages are counted. kQStages_: depth of the Q ring (2
-// hides the next group's Q load; indexer_topk takes 1 and gives the 16 KB to its pools).
+// kExtraBytes_: shared memory a kernel keeps beside the rings (the candidate stage's staging
+// lists), taken from kSmemBudget_ before the key stages are counted.
 template <int kHeads_, int kHeadDim_, int kMaxQueryGroups_, int kExtraBytes_ = 0,
-          int kSmemBudget_ = 192 * 1024, int kQStages_ = 2>
+          int kSmemBudget_ = 192 * 1024>
 struct Config {
   static constexpr int kHeads = kHeads_;
   static constexpr int kHeadDim = kHeadDim_;
@@ -91,7 +90,7 @@ struct Config {
   static constexpr int kMaxQueryGroups = kMaxQueryGroups_;
   static constexpr int kQGroupBytes = kMmaN * kHeadDim;
   static constexpr int kQStageBytes = kMaxQueryGroups * kQGroupBytes;
-  static constexpr int kQStages = kQStages_;
+  static constexpr int kQStages = 2;  // the next group's Q loads while this one is multiplied
   static constexpr int kTileBytes = kTileKeys * kHeadDim;
   static constexpr int kSubTileBytes = kMmaM * kHeadDim;     // one warpgroup's 64 rows
   static constexpr int kExtraBytes = kExtraBytes_;
@@ -364,21 +363,20 @@ __device__ __forceinline__ void head_reduce(const float (&acc)[64], const float 
 }
 
 // The tile range [first item, first tile in it, tile count) of this CTA: item i has tiles_of(i)
-// tiles, and the concatenated list of all tiles is cut into gridDim.x equal runs. With kWholeItems
-// an item is never split: a CTA takes the items whose first tile falls in its run (first tile 0),
-// so runs differ by up to one item's tiles. Every thread of the CTA must call it (it synchronises
-// the block); tiles_of must be the same pure function of device data for every caller.
+// tiles, and the concatenated list of all tiles is cut into gridDim.x equal runs (an item may be
+// split between CTAs). Every thread of the CTA must call it (it synchronises the block); tiles_of
+// must be the same pure function of device data for every caller.
 struct TileRange {
   int64_t item;
   int64_t first_tile;
   int64_t count;
 };
 
-template <int kThreads, bool kWholeItems = false, class TilesOf>
+template <int kThreads, class TilesOf>
 __device__ __forceinline__ TileRange balanced_range(int64_t num_items, TilesOf tiles_of,
                                                     int64_t* scratch) {
   constexpr int kWarps = kThreads / 32;
-  static_assert(kWarps <= 32 && kWarps + 4 <= 32, "scratch");  // + total, 3 results
+  static_assert(kWarps + 3 <= 32, "scratch");  // + total, 2 results
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   // Thread tid sums a contiguous run of items, so the loads are independent (no barrier between).
   const int64_t per = ceil_div<int64_t>(num_items, kThreads);
@@ -403,9 +401,6 @@ __device__ __forceinline__ TileRange balanced_range(int64_t num_items, TilesOf t
       run += t;
     }
     scratch[kWarps] = run;
-    if constexpr (kWholeItems) {
-      for (int i = 1; i <= 3; ++i) scratch[kWarps + i] = 0;
-    }
   }
   __syncthreads();
   const int64_t excl = scratch[warp] + incl - mine;
@@ -413,48 +408,22 @@ __device__ __forceinline__ TileRange balanced_range(int64_t num_items, TilesOf t
   const int64_t t0 = total * blockIdx.x / gridDim.x;
   const int64_t t1 = total * (blockIdx.x + 1) / gridDim.x;
   TileRange r;
-  if constexpr (kWholeItems) {
-    // Items whose first tile lies in [t0, t1): they start at item n0 = #items starting before t0,
-    // tile a0 = their tiles, and span a1 - a0 tiles (a1: the same sums for t1).
-    unsigned long long n0 = 0, a0 = 0, a1 = 0;
-    int64_t start = excl;
+  if (t0 < t1 && excl <= t0 && t0 < excl + mine) {
+    int64_t seen = excl;
     for (int64_t i = begin; i < end; ++i) {
       const int64_t n = tiles_of(i);
-      if (start < t0) {
-        ++n0;
-        a0 += n;
+      if (t0 < seen + n) {
+        scratch[kWarps + 1] = i;
+        scratch[kWarps + 2] = t0 - seen;
+        break;
       }
-      if (start < t1) a1 += n;
-      start += n;
+      seen += n;
     }
-    auto* sums = reinterpret_cast<unsigned long long*>(scratch + kWarps + 1);
-    if (n0 | a0 | a1) {
-      atomicAdd(&sums[0], n0);
-      atomicAdd(&sums[1], a0);
-      atomicAdd(&sums[2], a1);
-    }
-    __syncthreads();
-    r.item = int64_t(sums[0]);
-    r.first_tile = 0;
-    r.count = int64_t(sums[2] - sums[1]);
-  } else {
-    if (t0 < t1 && excl <= t0 && t0 < excl + mine) {
-      int64_t seen = excl;
-      for (int64_t i = begin; i < end; ++i) {
-        const int64_t n = tiles_of(i);
-        if (t0 < seen + n) {
-          scratch[kWarps + 1] = i;
-          scratch[kWarps + 2] = t0 - seen;
-          break;
-        }
-        seen += n;
-      }
-    }
-    __syncthreads();
-    r.count = t1 - t0;
-    r.item = r.count > 0 ? scratch[kWarps + 1] : 0;
-    r.first_tile = r.count > 0 ? scratch[kWarps + 2] : 0;
   }
+  __syncthreads();
+  r.count = t1 - t0;
+  r.item = r.count > 0 ? scratch[kWarps + 1] : 0;
+  r.first_tile = r.count > 0 ? scratch[kWarps + 2] : 0;
   return r;
 }
 

@@ -29,10 +29,6 @@ cudaError_t indexer_logits_paged(const IndexerLogitsPagedParams& p, cudaStream_t
 cudaError_t indexer_k_cache_insert(const IndexerKCacheInsertParams& p, cudaStream_t stream);
 cudaError_t mla_kv_cache_insert(const MlaKvCacheInsertParams& p, cudaStream_t stream);
 cudaError_t topk(const TopkParams& p, cudaStream_t stream);
-// Fused scoring + selection (csrc/indexer/indexer_topk.cu) and whether it serves `p` on the
-// current device (enough query groups to fill every SM; else the op chunks).
-cudaError_t indexer_topk(const IndexerTopkParams& p, cudaStream_t stream);
-bool indexer_topk_fused_applies(const IndexerTopkParams& p);
 cudaError_t sparse_mla_prefill(const SparseMlaPrefillParams& p, cudaStream_t stream);
 cudaError_t sparse_mla_decode(const SparseMlaDecodeParams& p, cudaStream_t stream);
 // Split-k scratch for `queries` query rows (prefill S, decode B * next_n) on the current device.

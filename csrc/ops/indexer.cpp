@@ -8,6 +8,7 @@
 #include <utility>
 
 #include "indexcache/params.h"
+#include "indexer_topk/pipeline.h"
 #include "ops/backends.h"
 #include "ops/check.h"
 #include "ops/dispatch.h"
@@ -134,20 +135,20 @@ void check_tma_operand(const ArgCheck& c, const char* name, const at::Tensor& t,
 }
 
 // NOTES:
-// - The bounded-chunk path: CUDA indexer_topk scores a chunk of rows into a workspace of at most
-//   this many bytes and selects on it with the radix top-k, chunk after chunk on the stream.
-//   Memory stays bounded whatever N is (one row per chunk at least), at the speed of the
-//   two-kernel path rather than above it. The paged (decode) form always takes it.
-// - The fused kernel (csrc/indexer/indexer_topk.cu: no workspace at all) serves the ragged form
-//   where cuda::indexer_topk_fused_applies() says so, but only with INDEXCACHE_INDEXER_TOPK=fused
-//   in the environment: it passes its GPU tests but measured 0.79x the two-kernel path (its
-//   selection warps cannot keep up with the MMA; bench/NOTES.md), so it stays a zero-workspace
-//   option, not the default.
+// - The ragged CUDA form runs csrc/indexer_topk/pipeline.cu (its route, workspace and launches);
+//   INDEXCACHE_INDEXER_TOPK=chunked or =sampled forces a route (tests and benchmarks), unset or
+//   anything else lets the pipeline pick by shape.
+// - The paged (decode) form scores a chunk of rows into a workspace of at most
+//   kScoreWorkspaceBytes and selects on it with the radix top-k, chunk after chunk on the stream:
+//   memory bounded whatever the context length (one row per chunk at least).
 constexpr int64_t kScoreWorkspaceBytes = int64_t{128} << 20;
 
-bool fused_indexer_topk_requested() {
+indexer_topk::Route requested_route() {
   const char* v = std::getenv("INDEXCACHE_INDEXER_TOPK");
-  return v != nullptr && std::string_view(v) == "fused";
+  const std::string_view route = v != nullptr ? v : "";
+  if (route == "chunked") return indexer_topk::Route::kChunked;
+  if (route == "sampled") return indexer_topk::Route::kSampled;
+  return indexer_topk::Route::kAuto;
 }
 
 int64_t rows_per_chunk(int64_t row_len) {
@@ -169,30 +170,6 @@ TopkParams select_from(const float* scores, int64_t rows, int64_t row_len, const
   t.k = k;
   t.sorted = sorted;
   return t;
-}
-
-void chunked_indexer_topk_cuda(const IndexerTopkParams& p, const at::Tensor& q) {
-  const IndexerLogitsParams& all = p.scores;
-  const int64_t chunk = std::min(all.S, rows_per_chunk(all.N));
-  const at::Tensor scores = at::empty({chunk, all.N}, q.options().dtype(at::kFloat));
-  launch_on_device_of(q, [&](cudaStream_t stream) {
-    for (int64_t row0 = 0; row0 < all.S; row0 += chunk) {
-      IndexerLogitsParams part = all;
-      part.q += row0 * all.H * all.D;
-      part.weights += row0 * all.H;
-      part.ks += row0;
-      part.ke += row0;
-      part.S = std::min(chunk, all.S - row0);
-      part.out = scores.data_ptr<float>();
-      part.out_row_stride = all.N;
-      if (const cudaError_t e = cuda::indexer_logits(part, stream); e != cudaSuccess) return e;
-      const TopkParams t = select_from(part.out, part.S, all.N, part.ks, part.ke,
-                                       p.out + row0 * p.out_row_stride, p.out_row_stride, p.k,
-                                       p.sorted);
-      if (const cudaError_t e = cuda::topk(t, stream); e != cudaSuccess) return e;
-    }
-    return cudaSuccess;
-  });
 }
 
 void chunked_indexer_topk_paged_cuda(const IndexerTopkPagedParams& p, const at::Tensor& q,
@@ -293,16 +270,12 @@ at::Tensor indexer_topk(const at::Tensor& q, const at::Tensor& k, const at::Tens
   if (q.is_cuda()) {
     check_tma_operand(c, "q", q, p.scores.S * p.scores.H);
     check_tma_operand(c, "k", k, p.scores.N);
-    bool fused = false;
-    if (fused_indexer_topk_requested()) {
-      const c10::cuda::CUDAGuard guard(q.device());  // the SM count is q's device's
-      fused = cuda::indexer_topk_fused_applies(p);
-    }
-    if (fused) {
-      launch_on_device_of(q, [&](cudaStream_t s) { return cuda::indexer_topk(p, s); });
-    } else {
-      chunked_indexer_topk_cuda(p, q);
-    }
+    const indexer_topk::Route route = requested_route();
+    const at::Tensor workspace =
+        at::empty({indexer_topk::workspace_bytes(p, route)}, q.options().dtype(at::kByte));
+    launch_on_device_of(q, [&](cudaStream_t s) {
+      return indexer_topk::run(p, route, workspace.data_ptr(), s);
+    });
   } else {
     cpu::indexer_topk(p);
   }

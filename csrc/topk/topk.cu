@@ -65,6 +65,7 @@ __device__ __forceinline__ Smem& shared_state() {
 // spill reloads sit on the latency path of a row that is read once (one 128K row over a cluster).
 template <int kMinCtas>
 __global__ void __launch_bounds__(kThreads, kMinCtas) topk_kernel(const TopkParams p, int Q) {
+  if (p.run_if != nullptr && *p.run_if == 0) return;  // every CTA alike: no cluster barrier waits
   Smem& s = shared_state();
   const ClusterView cv{Q, Q > 1 ? int(cg::this_cluster().block_rank()) : 0};
   const int64_t r = blockIdx.x / Q;

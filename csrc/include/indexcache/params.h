@@ -49,6 +49,9 @@ struct IndexerLogitsParams {
   int H;
   int D;
   int64_t out_row_stride;
+  // CUDA only: when set, the launch does nothing unless *run_if != 0 (read on the device, so a
+  // stage can be skipped without a host synchronisation; indexer_topk's fallback).
+  const int32_t* run_if;
 };
 
 // Paged decode form. kv_cache is DeepGEMM's layout: per page of 64 tokens, 64 rows of D e4m3
@@ -86,6 +89,7 @@ struct TopkParams {
   int64_t out_row_stride;
   int k;
   bool sorted;               // descending value, then ascending index
+  const int32_t* run_if;     // CUDA only, as IndexerLogitsParams::run_if
 };
 
 // Fused scoring + selection: the scores are IndexerLogitsParams' (its `out` is unused).
