@@ -117,9 +117,9 @@ def indexer_topk(
 
     Extra memory: on the CPU one row of scores per thread. On CUDA one workspace of at most
     128 MiB plus ``N / 32 * (D + 4) + 8 * S`` bytes, whatever S and N are. Large calls
-    (``S * N >= 2**26`` and ``N >= 24576``) score every 32nd key first, take from those scores a
-    threshold per query that keeps ~3.6 K of its keys (k = 2048), and score every key keeping
-    only those at or above it (the top k is then selected among them): no ``[S, N]`` at all.
+    (``S * N >= 2**26`` and ``N * H >= 2**21``) score every 32nd key first, take from those
+    scores a threshold per query that keeps ~3.6 K of its keys (k = 2048), and score every key
+    keeping only those at or above it (the top k is then selected among them): no ``[S, N]``.
     A row whose sample misleads is detected exactly (too few or too many keys kept) and the call
     then re-runs the bounded-chunk route on the device (about twice the time, same result).
     Smaller calls take that route directly: ``floor(128 MiB / 4N)`` rows of scores at a time,

@@ -12,10 +12,10 @@
 //   key is 0 (no sampled threshold) keeps every visible key, NaN included; otherwise no NaN is
 //   kept (a NaN ranks below every number).
 // - Kept keys go to the warp's own staging list for their query in shared memory, at positions
-//   from a ballot (no atomics); a list that may not take the next tile's 16 is flushed: one
-//   global atomicAdd on the row's count reserves its places, the warp copies it out. At ~5 % of
-//   keys kept, a list of 64 flushes every ~90 tiles, so the atomic's latency stays off the
-//   per-tile path.
+//   from a ballot (no atomics). When one list may not take the next tile's 16, the warp flushes
+//   all of its lists: one global atomicAdd per list on its row's count reserves the places (all
+//   in flight together: one round trip), the warp copies them out. At ~5 % of keys kept, a
+//   list of 64 fills in ~70 tiles, so the atomics' latency stays off the per-tile path.
 // - A row's count keeps counting past kCandidateCap (only the first kCandidateCap land): the
 //   select stage sees the overflow and leaves the row to the fallback.
 #include <cuda.h>
@@ -81,30 +81,39 @@ __global__ void __launch_bounds__(CandidateConfig<kHeads, kHeadDim>::kThreads, 1
 #pragma unroll
   for (int g = 0; g < C::kQueriesPerLane; ++g) list_of[g] = staging + (2 * g + lp.b1) * kListLen;
 
-  // Whole warp: flushes the lists holding more than `above` entries to the rows' candidates.
-  auto flush = [&](int64_t group, int above) {
+  // Whole warp: appends every list to its row's candidates. Lane j < kQueriesPerGroup reserves
+  // the places of list j (query j of the group), all lists' reservations in flight at once.
+  auto flush = [&](int64_t group) {
     __syncwarp();
+    int n = 0;
 #pragma unroll
     for (int g = 0; g < C::kQueriesPerLane; ++g) {
 #pragma unroll
       for (int b = 0; b < 2; ++b) {
-        const int n = __shfl_sync(0xFFFFFFFFu, listed[g], 2 * b);  // lane 2b holds query 2g + b
-        if (n <= above) continue;
-        const int list = 2 * g + b;
-        const int64_t query = group * C::kQueriesPerGroup + list;
-        uint32_t base = 0;
-        if (lane == 0) base = atomicAdd(reinterpret_cast<uint32_t*>(cp.counts + query), n);
-        base = __shfl_sync(0xFFFFFFFFu, base, 0);
-        uint64_t* row = cp.candidates + query * kCandidateCap;
-        for (int i = lane; i < n; i += 32) {
-          // Staged as (score bits, ~key): the order key is taken here, off the per-tile path.
-          const uint64_t e = staging[list * kListLen + i];
-          const uint64_t candidate = candidate_key(__uint_as_float(uint32_t(e >> 32)), ~uint32_t(e));
-          if (base + i < kCandidateCap) row[base + i] = candidate;
-        }
-        if (lp.b1 == b) listed[g] = 0;
+        const int count = __shfl_sync(0xFFFFFFFFu, listed[g], 2 * b);  // lane 2b: query 2g + b
+        if (lane == 2 * g + b) n = count;
       }
     }
+    uint32_t base = 0;
+    if (lane < C::kQueriesPerGroup && n > 0) {
+      base = atomicAdd(reinterpret_cast<uint32_t*>(cp.counts + group * C::kQueriesPerGroup + lane),
+                       n);
+    }
+#pragma unroll
+    for (int list = 0; list < C::kQueriesPerGroup; ++list) {
+      const int count = __shfl_sync(0xFFFFFFFFu, n, list);
+      const uint32_t at = __shfl_sync(0xFFFFFFFFu, base, list);
+      uint64_t* row = cp.candidates + (group * C::kQueriesPerGroup + list) * kCandidateCap;
+      for (int i = lane; i < count; i += 32) {
+        // Staged as (score bits, ~key): the order key is taken here, off the per-tile path.
+        const uint64_t e = staging[list * kListLen + i];
+        if (at + i < kCandidateCap) {
+          row[at + i] = candidate_key(__uint_as_float(uint32_t(e >> 32)), ~uint32_t(e));
+        }
+      }
+    }
+#pragma unroll
+    for (int g = 0; g < C::kQueriesPerLane; ++g) listed[g] = 0;
     __syncwarp();
   };
 
@@ -136,9 +145,9 @@ __global__ void __launch_bounds__(CandidateConfig<kHeads, kHeadDim>::kThreads, 1
           listed[g] += __popc(kept);
           over |= listed[g] > kFlushAbove;
         }
-        if (__any_sync(0xFFFFFFFFu, over)) flush(lg.group, kFlushAbove);
+        if (__any_sync(0xFFFFFFFFu, over)) flush(lg.group);
       },
-      [&](const LaneGroup<C>& lg) { flush(lg.group, 0); });
+      [&](const LaneGroup<C>& lg) { flush(lg.group); });
 }
 
 }  // namespace

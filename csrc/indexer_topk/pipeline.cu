@@ -42,10 +42,13 @@ namespace {
 
 constexpr int64_t kWorkspaceBytes = int64_t{128} << 20;
 constexpr int64_t kAlign = 256;
-// The sampled route pays where the top-k pass it saves is large: at least this many scores per
-// call, and windows long enough for a sample to say something (shorter ones keep every key).
+// The sampled route pays where the top-k pass it saves is large against its own fixed costs
+// per row (the sample, the threshold, the select of ~3.6 K candidates): at least this many
+// scores per call, and this much indexer work per row (N x H). H200 sweep at f56a5bd, against
+// the two-kernel path: N x H = 2^20 (H = 32, N = 32 K) 0.89-0.92x; 2^21 0.98-1.06x; 2^22 and
+// up 1.02-1.07x.
 constexpr int64_t kSampledMinScores = int64_t{1} << 26;
-constexpr int64_t kSampledMinKeys = 4 * int64_t{kCandidateCap};
+constexpr int64_t kSampledMinRowWork = int64_t{1} << 21;
 
 int64_t aligned(int64_t bytes) { return (bytes + kAlign - 1) / kAlign * kAlign; }
 
@@ -70,7 +73,7 @@ Layout layout(const IndexerTopkParams& p, Route route) {
   const IndexerLogitsParams& s = p.scores;
   Layout l{};
   l.sampled = route == Route::kSampled ||
-              (route == Route::kAuto && s.S * s.N >= kSampledMinScores && s.N >= kSampledMinKeys);
+              (route == Route::kAuto && s.S * s.N >= kSampledMinScores && s.N * s.H >= kSampledMinRowWork);
   l.fallback_rows = balanced_chunk(s.S, kWorkspaceBytes / (4 * std::max<int64_t>(s.N, 1)));
   int64_t body = l.fallback_rows * s.N * 4;
   int64_t head = 0;
