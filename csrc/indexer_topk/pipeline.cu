@@ -73,7 +73,8 @@ Layout layout(const IndexerTopkParams& p, Route route) {
   const IndexerLogitsParams& s = p.scores;
   Layout l{};
   l.sampled = route == Route::kSampled ||
-              (route == Route::kAuto && s.S * s.N >= kSampledMinScores && s.N * s.H >= kSampledMinRowWork);
+              (route == Route::kAuto && s.S * s.N >= kSampledMinScores &&
+               s.N * s.H >= kSampledMinRowWork);
   l.fallback_rows = balanced_chunk(s.S, kWorkspaceBytes / (4 * std::max<int64_t>(s.N, 1)));
   int64_t body = l.fallback_rows * s.N * 4;
   int64_t head = 0;

@@ -72,7 +72,8 @@ __global__ void __launch_bounds__(kRowThreads) threshold_kernel(const ThresholdP
             n, static_cast<uint32_t>(rank), [&](int i) { return staged[i]; }, scratch,
             common.all_or, top);
       } else {
-        threshold = kth_largest_bound<kRowThreads>(n, static_cast<uint32_t>(rank), sampled, scratch);
+        threshold =
+            kth_largest_bound<kRowThreads>(n, static_cast<uint32_t>(rank), sampled, scratch);
       }
     }
   }
