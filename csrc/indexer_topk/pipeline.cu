@@ -20,11 +20,11 @@
 //   launches a no-op unless the flag is set (read on the device: no host synchronisation,
 //   CUDA-graph safe). Rows recomputed there get the same answer, so no row is ever wrong; a call
 //   with a failed row costs about twice.
-// - Bounded-chunk route: indexer_logits into a score workspace of at most kWorkspaceBytes, then
-//   the radix top-k, chunk after chunk. It serves shapes where the sampled route's extra stages
-//   do not pay (little work per call) and is the sampled route's fallback.
+// - Bounded-chunk route: indexer_logits into a score workspace of at most kScoreWorkspaceBytes,
+//   then the radix top-k, chunk after chunk. It serves shapes where the sampled route's extra
+//   stages do not pay (little work per call) and is the sampled route's fallback.
 // - Workspace: the sampled keys and windows (N / 32 x (D + 4) + 8 S bytes), then one body of at
-//   most kWorkspaceBytes (one row at least) shared by the sampled stages and the fallback's
+//   most kScoreWorkspaceBytes (one row at least) shared by the sampled stages and the fallback's
 //   scores, which run after every select has read its lists. It never grows with N beyond that.
 #include <cuda_runtime.h>
 
@@ -40,7 +40,6 @@ namespace indexcache {
 namespace indexer_topk {
 namespace {
 
-constexpr int64_t kWorkspaceBytes = int64_t{128} << 20;
 constexpr int64_t kAlign = 256;
 // The sampled route pays where the top-k pass it saves is large against its own fixed costs
 // per row (the sample, the threshold, the select of ~3.6 K candidates): at least this many
@@ -75,13 +74,14 @@ Layout layout(const IndexerTopkParams& p, Route route) {
   l.sampled = route == Route::kSampled ||
               (route == Route::kAuto && s.S * s.N >= kSampledMinScores &&
                s.N * s.H >= kSampledMinRowWork);
-  l.fallback_rows = balanced_chunk(s.S, kWorkspaceBytes / (4 * std::max<int64_t>(s.N, 1)));
+  l.fallback_rows =
+      balanced_chunk(s.S, kScoreWorkspaceBytes / (4 * std::max<int64_t>(s.N, 1)));
   int64_t body = l.fallback_rows * s.N * 4;
   int64_t head = 0;
   if (l.sampled) {
     l.ns = sampled_keys(s.N);
     const int64_t per_row = 8 + 4 + 8 * int64_t{kCandidateCap} + 4 * l.ns;
-    l.rows = balanced_chunk(s.S, (kWorkspaceBytes - 4 * kAlign) / per_row);
+    l.rows = balanced_chunk(s.S, (kScoreWorkspaceBytes - 4 * kAlign) / per_row);
     l.k_sample = head;
     head += aligned(l.ns * s.D);
     l.k_scale_sample = head;
@@ -123,18 +123,9 @@ cudaError_t run_chunked(const IndexerTopkParams& p, float* scores, int64_t chunk
     part.out_row_stride = all.N;
     part.run_if = run_if;
     if (const cudaError_t e = cuda::indexer_logits(part, stream); e != cudaSuccess) return e;
-    TopkParams t{};
-    t.logits = scores;
-    t.row_starts = part.ks;
-    t.row_ends = part.ke;
-    t.out = p.out + row0 * p.out_row_stride;
-    t.R = part.S;
-    t.C = all.N;
-    t.logits_row_stride = all.N;
-    t.out_row_stride = p.out_row_stride;
-    t.k = p.k;
-    t.sorted = p.sorted;
-    t.run_if = run_if;
+    const TopkParams t = topk_over_scores(scores, part.S, all.N, part.ks, part.ke,
+                                          p.out + row0 * p.out_row_stride, p.out_row_stride,
+                                          p.k, p.sorted, run_if);
     if (const cudaError_t e = cuda::topk(t, stream); e != cudaSuccess) return e;
   }
   return cudaSuccess;

@@ -11,6 +11,31 @@
 namespace indexcache {
 namespace indexer_topk {
 
+// Bytes of fp32 scores a bounded-chunk route (this one, and the paged form's in the op layer)
+// holds at once; also the bound of the sampled route's per-chunk workspace.
+constexpr int64_t kScoreWorkspaceBytes = int64_t{128} << 20;
+
+// The radix top-k over `rows` rows of contiguous fp32 scores of `row_len` columns, windows
+// [starts, ends) (nullptr: the whole row), into out; run_if as TopkParams::run_if.
+inline TopkParams topk_over_scores(const float* scores, int64_t rows, int64_t row_len,
+                                   const int32_t* starts, const int32_t* ends, int32_t* out,
+                                   int64_t out_row_stride, int k, bool sorted,
+                                   const int32_t* run_if = nullptr) {
+  TopkParams t{};
+  t.logits = scores;
+  t.row_starts = starts;
+  t.row_ends = ends;
+  t.out = out;
+  t.R = rows;
+  t.C = row_len;
+  t.logits_row_stride = row_len;
+  t.out_row_stride = out_row_stride;
+  t.k = k;
+  t.sorted = sorted;
+  t.run_if = run_if;
+  return t;
+}
+
 // kAuto picks by shape (pipeline.cu); the others force a route (tests, benchmarks).
 enum class Route { kAuto, kChunked, kSampled };
 

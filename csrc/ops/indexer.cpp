@@ -139,9 +139,8 @@ void check_tma_operand(const ArgCheck& c, const char* name, const at::Tensor& t,
 //   INDEXCACHE_INDEXER_TOPK=chunked or =sampled forces a route (tests and benchmarks), unset or
 //   anything else lets the pipeline pick by shape.
 // - The paged (decode) form scores a chunk of rows into a workspace of at most
-//   kScoreWorkspaceBytes and selects on it with the radix top-k, chunk after chunk on the stream:
-//   memory bounded whatever the context length (one row per chunk at least).
-constexpr int64_t kScoreWorkspaceBytes = int64_t{128} << 20;
+//   indexer_topk::kScoreWorkspaceBytes and selects on it with the radix top-k, chunk after chunk
+//   on the stream: memory bounded whatever the context length (one row per chunk at least).
 
 indexer_topk::Route requested_route() {
   const char* v = std::getenv("INDEXCACHE_INDEXER_TOPK");
@@ -152,24 +151,8 @@ indexer_topk::Route requested_route() {
 }
 
 int64_t rows_per_chunk(int64_t row_len) {
-  return std::max<int64_t>(1, kScoreWorkspaceBytes / (int64_t{sizeof(float)} * std::max<int64_t>(row_len, 1)));
-}
-
-TopkParams select_from(const float* scores, int64_t rows, int64_t row_len, const int32_t* starts,
-                       const int32_t* ends, int32_t* out, int64_t out_row_stride, int k,
-                       bool sorted) {
-  TopkParams t{};
-  t.logits = scores;
-  t.row_starts = starts;
-  t.row_ends = ends;
-  t.out = out;
-  t.R = rows;
-  t.C = row_len;
-  t.logits_row_stride = row_len;
-  t.out_row_stride = out_row_stride;
-  t.k = k;
-  t.sorted = sorted;
-  return t;
+  return std::max<int64_t>(1, indexer_topk::kScoreWorkspaceBytes /
+                                  (int64_t{sizeof(float)} * std::max<int64_t>(row_len, 1)));
 }
 
 void chunked_indexer_topk_paged_cuda(const IndexerTopkPagedParams& p, const at::Tensor& q,
@@ -198,10 +181,9 @@ void chunked_indexer_topk_paged_cuda(const IndexerTopkPagedParams& p, const at::
       if (const cudaError_t e = cuda::indexer_logits_paged(part, stream); e != cudaSuccess) {
         return e;
       }
-      const TopkParams t = select_from(part.out, part.B * n, len, nullptr,
-                                       row_ends.const_data_ptr<int32_t>() + b0 * n,
-                                       p.out + b0 * n * p.out_row_stride, p.out_row_stride, p.k,
-                                       p.sorted);
+      const TopkParams t = indexer_topk::topk_over_scores(
+          part.out, part.B * n, len, nullptr, row_ends.const_data_ptr<int32_t>() + b0 * n,
+          p.out + b0 * n * p.out_row_stride, p.out_row_stride, p.k, p.sorted);
       if (const cudaError_t e = cuda::topk(t, stream); e != cudaSuccess) return e;
     }
     return cudaSuccess;
