@@ -227,6 +227,11 @@ def test_empty_indexer(device, gen):
     assert ops.indexer_logits(*x.args()).shape == (3, 0)
     got = ops.indexer_topk(*x.args(), 16)
     assert got.shape == (3, 16) and torch.all(got == -1)
+    # One row may have any row stride (only rows must not overlap), here 1, below its width.
+    one = move(indexer_inputs(gen, 1, 0, 64, 128, "empty"), device)
+    out = torch.zeros(16, 1, dtype=torch.int32, device=device).t()
+    ops.indexer_topk(*one.args(), 16, out=out)
+    assert out.stride() == (1, 1) and torch.all(out == -1)
 
 
 def test_empty_paged_indexer(device, gen):

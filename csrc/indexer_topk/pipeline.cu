@@ -142,8 +142,11 @@ cudaError_t run(const IndexerTopkParams& p, Route route, void* workspace, cudaSt
   const IndexerLogitsParams& all = p.scores;
   if (all.S == 0) return cudaSuccess;
   if (all.N == 0) {  // no key at all (and no tensor map over zero rows): every row is -1
-    return cudaMemset2DAsync(p.out, size_t(p.out_row_stride) * sizeof(int32_t), 0xFF,
-                             size_t(p.k) * sizeof(int32_t), size_t(all.S), stream);
+    // A single row's stride is arbitrary (the op only checks it between rows), and a pitch below
+    // the width is an error for the memset.
+    const size_t width = size_t(p.k) * sizeof(int32_t);
+    const size_t pitch = all.S > 1 ? size_t(p.out_row_stride) * sizeof(int32_t) : width;
+    return cudaMemset2DAsync(p.out, pitch, 0xFF, width, size_t(all.S), stream);
   }
   const Layout l = layout(p, route);
   auto* base = static_cast<uint8_t*>(workspace);
