@@ -3,6 +3,7 @@ empty inputs. Structural checks (dtype, rank, shape, contiguity) run on every de
 (windows, indices, slots, lengths) read the data and so exist on CPU only (CUDA clamps/masks)."""
 
 import math
+import re
 
 import pytest
 import torch
@@ -266,3 +267,79 @@ def test_attention_outputs_come_in_pairs(op, given):
     missing = "lse" if given == "out" else "out"
     with pytest.raises(RuntimeError, match=f"argument '{missing}' must be given together with"):
         call(op, {**a, given: torch.empty_like(buffer)})
+
+
+# ---- outputs that alias inputs: rows are read and written concurrently, so an alias would give
+# wrong rows silently; every output is checked against every input its op reads
+
+INPUTS = {
+    "indexer_logits": ("q", "k", "k_scale", "weights", "ks", "ke"),
+    "indexer_topk": ("q", "k", "k_scale", "weights", "ks", "ke"),
+    "indexer_logits_paged": ("q", "kv_cache", "weights", "context_lens", "block_table"),
+    "indexer_topk_paged": ("q", "kv_cache", "weights", "context_lens", "block_table"),
+    "topk": ("logits", "row_starts", "row_ends"),
+    "sparse_mla_prefill": ("q", "kv", "indices"),
+    "sparse_mla_decode": ("q", "kv_cache", "indices", "block_table"),
+    "indexer_k_quant_and_cache": ("k", "slot_mapping"),
+    "mla_kv_cache_insert": ("kv_c", "k_pe", "slot_mapping"),
+}
+WRITTEN_IN_PLACE = {"indexer_k_quant_and_cache": "kv_cache", "mla_kv_cache_insert": "kv_cache"}
+ALIASES = [(op, written, read) for op, reads in INPUTS.items()
+           for written in (("out", "lse") if op.startswith("sparse_mla") else
+                           (WRITTEN_IN_PLACE.get(op, "out"),))
+           for read in reads]
+ALIASES += [("sparse_mla_prefill", "lse", "out"), ("sparse_mla_decode", "lse", "out")]
+
+
+def with_outputs(op: str, args: dict) -> dict:
+    """The arguments with every output given explicitly (shapes and dtypes from a first call)."""
+    if op in WRITTEN_IN_PLACE:
+        return dict(args)
+    result = call(op, args)
+    if op.startswith("sparse_mla"):
+        return {**args, "out": torch.empty_like(result[0]), "lse": torch.empty_like(result[1])}
+    return {**args, "out": torch.empty_like(result)}
+
+
+def share_storage(read: torch.Tensor, written: torch.Tensor, gap: int | None):
+    """An input and an output in one byte buffer: at the same address (gap None; the buffer holds
+    the input's values), or the output at least `gap` bytes past the end of the input, 256-byte
+    aligned as an arena would place it (each holding its own values)."""
+    offset = 0 if gap is None else -(-(read.nbytes + gap) // 256) * 256
+    buf = torch.zeros(max(read.nbytes, offset + written.nbytes), dtype=torch.uint8,
+                      device=read.device)
+    view = lambda t, at: buf[at:at + t.nbytes].view(t.dtype).view(t.shape)
+    out = view(written, offset)
+    if gap is not None:
+        out.copy_(written)
+    return view(read, 0).copy_(read), out
+
+
+def test_every_op_has_alias_cases():
+    assert {op for op, *_ in ALIASES} == set(SMALL_ARGS)
+
+
+@pytest.mark.parametrize("op,written,read", ALIASES)
+def test_output_overlapping_an_input_is_rejected(device, op, written, read):
+    args = with_outputs(op, SMALL_ARGS[op](device))
+    args[read], args[written] = share_storage(args[read], args[written], gap=None)
+    with pytest.raises(RuntimeError, match=re.escape(f"'{written}' must not overlap '{read}'")):
+        call(op, args)
+
+
+def written_by(op: str, args: dict) -> tuple:
+    result = call(op, args)
+    if op in WRITTEN_IN_PLACE:
+        return (args[WRITTEN_IN_PLACE[op]],)
+    return result if isinstance(result, tuple) else (result,)
+
+
+@pytest.mark.parametrize("op,written,read", ALIASES)
+def test_disjoint_views_of_one_storage_are_accepted(device, op, written, read):
+    # An input and an output in one allocation without overlap: the call runs and writes what it
+    # writes into separate tensors.
+    expected = written_by(op, with_outputs(op, SMALL_ARGS[op](device)))
+    args = with_outputs(op, SMALL_ARGS[op](device))
+    args[read], args[written] = share_storage(args[read], args[written], gap=16)
+    for got, want in zip(written_by(op, args), expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)

@@ -45,6 +45,7 @@ void indexer_k_quant_and_cache(const at::Tensor& k, const at::Tensor& kv_cache,
   c.contiguous("k", k);
   c.contiguous("kv_cache", kv_cache);
   check_slots(c, slot_mapping, T, k, "k", kv_cache.size(0));
+  c.no_overlap("kv_cache", kv_cache, {{"k", k}, {"slot_mapping", slot_mapping}});
 
   IndexerKCacheInsertParams p{};
   p.k = static_cast<const uint16_t*>(k.const_data_ptr());
@@ -84,6 +85,8 @@ void mla_kv_cache_insert(const at::Tensor& kv_c, const at::Tensor& k_pe,
   c.unit_column_stride("k_pe", k_pe);
   c.contiguous("kv_cache", kv_cache);
   check_slots(c, slot_mapping, T, kv_c, "kv_c", kv_cache.size(0));
+  c.no_overlap("kv_cache", kv_cache,
+               {{"kv_c", kv_c}, {"k_pe", k_pe}, {"slot_mapping", slot_mapping}});
 
   MlaKvCacheInsertParams p{};
   p.kv_c = static_cast<const uint16_t*>(kv_c.const_data_ptr());

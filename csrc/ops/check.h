@@ -5,6 +5,7 @@
 #include <ATen/ATen.h>
 #include <ATen/MemoryOverlap.h>
 
+#include <initializer_list>
 #include <sstream>
 #include <string>
 
@@ -69,16 +70,28 @@ class ArgCheck {
                 ref_name, "' (", ref.device(), "), got ", t.device());
   }
 
-  // The caller-provided output must not alias an input the op reads while writing it.
-  void no_overlap(const char* name, const at::Tensor& out, const at::Tensor& in,
-                  const char* in_name) const {
+  // An input by name, for no_overlap.
+  struct Named {
+    const char* name;
+    const at::Tensor& tensor;
+  };
+
+  // The caller-provided output must not alias any input the op reads while writing it: the
+  // kernels read inputs and write outputs concurrently (rows in parallel), so an alias would give
+  // wrong rows silently. Undefined (absent optional) inputs are skipped.
+  void no_overlap(const char* name, const at::Tensor& out,
+                  std::initializer_list<Named> inputs) const {
     TORCH_CHECK(at::has_internal_overlap(out) != at::MemOverlap::Yes, prefix(name),
                 "must not overlap itself, got strides ", out.strides());
-    // TooHard (strided views) counts as overlap only within one storage.
-    const bool shares_storage = out.numel() > 0 && in.numel() > 0 &&
-                                out.storage().is_alias_of(in.storage());
-    TORCH_CHECK(!shares_storage || at::get_overlap_status(out, in) == at::MemOverlapStatus::No,
-                prefix(name), "must not overlap '", in_name, "'");
+    for (const Named& in : inputs) {
+      if (!in.tensor.defined()) continue;
+      // TooHard (strided views) counts as overlap only within one storage.
+      const bool shares_storage = out.numel() > 0 && in.tensor.numel() > 0 &&
+                                  out.storage().is_alias_of(in.tensor.storage());
+      TORCH_CHECK(!shares_storage ||
+                      at::get_overlap_status(out, in.tensor) == at::MemOverlapStatus::No,
+                  prefix(name), "must not overlap '", in.name, "'");
+    }
   }
 
   // A caller-provided output: exact dtype and shape, on the inputs' device. Matrices may have

@@ -199,8 +199,8 @@ at::Tensor indexer_logits(const at::Tensor& q, const at::Tensor& k, const at::Te
   IndexerLogitsParams p = ragged_params(c, q, k, k_scale, weights, ks, ke);
   const at::Tensor out = output_or_new(out_arg, {p.S, p.N}, q, at::kFloat);
   c.output("out", out, at::kFloat, {p.S, p.N}, q, "q");
-  c.no_overlap("out", out, weights, "weights");
-  c.no_overlap("out", out, k_scale, "k_scale");
+  c.no_overlap("out", out, {{"q", q}, {"k", k}, {"k_scale", k_scale}, {"weights", weights},
+                            {"ks", ks}, {"ke", ke}});
   p.out = out.data_ptr<float>();
   p.out_row_stride = out.stride(0);
   if (q.is_cuda()) {
@@ -223,7 +223,8 @@ at::Tensor indexer_logits_paged(const at::Tensor& q, const at::Tensor& kv_cache,
   const int64_t rows = int64_t{p.B} * p.next_n;
   const at::Tensor out = output_or_new(out_arg, {rows, max_context_len}, q, at::kFloat);
   c.output("out", out, at::kFloat, {rows, max_context_len}, q, "q");
-  c.no_overlap("out", out, weights, "weights");
+  c.no_overlap("out", out, {{"q", q}, {"kv_cache", kv_cache}, {"weights", weights},
+                            {"context_lens", context_lens}, {"block_table", block_table}});
   p.out = out.data_ptr<float>();
   p.out_row_stride = out.stride(0);
   if (q.is_cuda()) {
@@ -245,6 +246,8 @@ at::Tensor indexer_topk(const at::Tensor& q, const at::Tensor& k, const at::Tens
   c.in_range("topk", topk, 1, kMaxTopk);
   const at::Tensor out = output_or_new(out_arg, {p.scores.S, topk}, q, at::kInt);
   c.output("out", out, at::kInt, {p.scores.S, topk}, q, "q");
+  c.no_overlap("out", out, {{"q", q}, {"k", k}, {"k_scale", k_scale}, {"weights", weights},
+                            {"ks", ks}, {"ke", ke}});
   p.out = out.data_ptr<int32_t>();
   p.out_row_stride = out.stride(0);
   p.k = static_cast<int>(topk);
@@ -275,6 +278,8 @@ at::Tensor indexer_topk_paged(const at::Tensor& q, const at::Tensor& kv_cache,
   const int64_t rows = int64_t{p.scores.B} * p.scores.next_n;
   const at::Tensor out = output_or_new(out_arg, {rows, topk}, q, at::kInt);
   c.output("out", out, at::kInt, {rows, topk}, q, "q");
+  c.no_overlap("out", out, {{"q", q}, {"kv_cache", kv_cache}, {"weights", weights},
+                            {"context_lens", context_lens}, {"block_table", block_table}});
   p.out = out.data_ptr<int32_t>();
   p.out_row_stride = out.stride(0);
   p.k = static_cast<int>(topk);

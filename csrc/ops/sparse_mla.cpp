@@ -5,6 +5,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <initializer_list>
 #include <vector>
 #include <utility>
 
@@ -26,7 +27,8 @@ void check_scalars(const ArgCheck& c, double sm_scale, int64_t d_v) {
 
 // Both outputs at once: they are written together and share the leading shape of q.
 std::pair<at::Tensor, at::Tensor> outputs(const ArgCheck& c, const at::Tensor& q,
-                                          const at::Tensor& out_arg, const at::Tensor& lse_arg) {
+                                          const at::Tensor& out_arg, const at::Tensor& lse_arg,
+                                          std::initializer_list<ArgCheck::Named> inputs) {
   std::vector<int64_t> out_shape = q.sizes().vec();
   out_shape.back() = kMlaDimLatent;
   const std::vector<int64_t> lse_shape(out_shape.begin(), out_shape.end() - 1);
@@ -35,8 +37,9 @@ std::pair<at::Tensor, at::Tensor> outputs(const ArgCheck& c, const at::Tensor& q
   c.output("out", out, at::kBFloat16, out_shape, q, "q");
   c.output("lse", lse, at::kFloat, lse_shape, q, "q");
   c.contiguous("lse", lse);
-  c.no_overlap("out", out, q, "q");
-  c.no_overlap("lse", lse, out, "out");
+  c.no_overlap("out", out, inputs);
+  c.no_overlap("lse", lse, inputs);
+  c.no_overlap("lse", lse, {{"out", out}});
   return {out, lse};
 }
 
@@ -103,7 +106,8 @@ std::tuple<at::Tensor, at::Tensor> sparse_mla_prefill(const at::Tensor& q, const
                   "), got ", idx[i], " at [", i / topk, ", ", i % topk, "]");
     }
   }
-  const auto [out, lse] = outputs(c, q, out_arg, lse_arg);
+  const auto [out, lse] =
+      outputs(c, q, out_arg, lse_arg, {{"q", q}, {"kv", kv}, {"indices", indices}});
 
   SparseMlaPrefillParams p{};
   p.q = static_cast<const uint16_t*>(q.const_data_ptr());
@@ -183,7 +187,10 @@ std::tuple<at::Tensor, at::Tensor> sparse_mla_decode(const at::Tensor& q,
                   "), got ", page, " at [", b, ", ", idx[i] / kPageSize, "]");
     }
   }
-  const auto [out, lse] = outputs(c, q, out_arg, lse_arg);
+  const auto [out, lse] =
+      outputs(c, q, out_arg, lse_arg,
+              {{"q", q}, {"kv_cache", kv_cache}, {"indices", indices},
+               {"block_table", block_table}});
 
   SparseMlaDecodeParams p{};
   p.q = static_cast<const uint16_t*>(q.const_data_ptr());

@@ -30,6 +30,8 @@ at::Tensor topk(const at::Tensor& logits, int64_t k, const std::optional<at::Ten
   }
   const at::Tensor out = output_or_new(out_arg, {R, k}, logits, at::kInt);
   c.output("out", out, at::kInt, {R, k}, logits, "logits");
+  c.no_overlap("out", out, {{"logits", logits}, {"row_starts", row_starts.value_or(at::Tensor())},
+                            {"row_ends", row_ends.value_or(at::Tensor())}});
 
   TopkParams p{};
   p.logits = logits.const_data_ptr<float>();
