@@ -8,7 +8,8 @@ Headline: prefill S = 4096, N = 65536, H = 64, D = 128 with causal-tail (ks = 0,
 ke = N - S + t + 1) and full windows; decode B = 64, context 65536, next_n = 1. indexer_topk rows
 (k = 2048) compare the op as it ships (its route picked by shape: the sampled route at these
 sizes), its bounded-chunk route (`indexcache-chunked`, forced by INDEXCACHE_INDEXER_TOPK=chunked)
-and the two-kernel path (indexer_logits then topk) they must beat.
+and the two-kernel path (indexer_logits then topk) they must beat. On CUDA the causal headline
+runs a second time for indexer_topk with its last 256 queries zero (padding rows: equal scores).
 Sweep: prefill S {2048, 4096, 8192} x N {8K, 32K, 64K, 128K} x {causal, full} x H {32, 64};
 decode B {1, 8, 64, 128} x context {8K, 32K, 64K, 128K} x next_n {1, 2}.
 """
@@ -28,6 +29,9 @@ FAMILY = "indexer"
 K = 2048
 D = 128
 PREFILL_HEADLINE = [dict(S=4096, N=65536, H=64, D=D, window=w) for w in ("causal", "full")]
+# The causal headline with its last 256 queries zero, as padding rows of a served batch: every key
+# of such a row scores 0, the equal scores the top-k must order by index alone.
+PADDED_HEADLINE = dict(S=4096, N=65536, H=64, D=D, window="causal", zero_rows=256)
 DECODE_HEADLINE = [dict(B=64, ctx=65536, next_n=1, H=64, D=D)]
 PREFILL_SWEEP = [dict(S=s, N=n, H=h, D=D, window=w) for s, n, w, h in itertools.product(
     (2048, 4096, 8192), (8192, 32768, 65536, 131072), ("causal", "full"), (32, 64))]
@@ -121,8 +125,10 @@ def _prefill_cases(ctx: Context, shape: dict) -> list[Case]:
 
     def inputs(out_cols: int, out_dtype: torch.dtype):
         def make() -> SimpleNamespace:
+            q = harness.random_e4m3((S, H, Dh), dev)
+            q[S - shape.get("zero_rows", 0):] = 0
             return SimpleNamespace(
-                q=harness.random_e4m3((S, H, Dh), dev), k=harness.random_e4m3((N, Dh), dev),
+                q=q, k=harness.random_e4m3((N, Dh), dev),
                 k_scale=torch.rand(N, device=dev) + 0.5,
                 weights=torch.randn(S, H, device=dev) * (H * Dh) ** -0.5,
                 ks=ks.to(dev), ke=ke.to(dev),
@@ -132,7 +138,7 @@ def _prefill_cases(ctx: Context, shape: dict) -> list[Case]:
     def logits(x, out=None):
         return ops.indexer_logits(x.q, x.k, x.k_scale, x.weights, x.ks, x.ke, out=out)
 
-    headline = shape in PREFILL_HEADLINE
+    headline = shape in PREFILL_HEADLINE or shape == PADDED_HEADLINE
     return [
         Case("indexer_logits", shape, inputs(N, torch.float32), [
             Impl("indexcache", lambda x: logits(x, x.out)),
@@ -207,7 +213,9 @@ def cases(ctx: Context) -> list[Case]:
         prefill, decode = PREFILL_SWEEP, DECODE_SWEEP
     else:
         prefill, decode = PREFILL_HEADLINE, DECODE_HEADLINE
+    padded = [c for c in _prefill_cases(ctx, PADDED_HEADLINE) if c.op == "indexer_topk"]
     return ([c for s in prefill for c in _prefill_cases(ctx, s)]
+            + (padded if ctx.machine.cuda else [])
             + [c for s in decode for c in _decode_cases(ctx, s)])
 
 

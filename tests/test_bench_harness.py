@@ -180,6 +180,16 @@ def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a[finite].double() - b[finite].double()).norm() / b[finite].double().norm())
 
 
+def test_padded_indexer_case_zeroes_its_last_queries():
+    ops = pytest.importorskip("indexcache_ops.ops")
+    ctx = harness.Context(machine=CPU, sweep=False, ops=ops)
+    assert bench_indexer.PADDED_HEADLINE["zero_rows"] == 256
+    shape = dict(S=40, N=700, H=32, D=128, window="causal", zero_rows=7)
+    [case] = [c for c in bench_indexer._prefill_cases(ctx, shape) if c.op == "indexer_topk"]
+    q = case.make_inputs().q.float()
+    assert torch.all(q[-7:] == 0) and torch.all(q[:-7].abs().amax(dim=(1, 2)) > 0)
+
+
 def test_torch_baselines_compute_the_ops(monkeypatch):
     """The baselines are timed as stand-ins for the ops, so they must compute the same thing
     (to bf16 accuracy); a tiny workspace forces their chunked paths."""
