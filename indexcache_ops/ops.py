@@ -217,7 +217,8 @@ def indexer_k_quant_and_cache(
     Args:
         k: ``[T, D]`` bfloat16 (already Hadamard-rotated).
         kv_cache: ``[pages, 64, 1, D + 4]`` uint8 (layout of :func:`indexer_logits_paged`).
-        slot_mapping: ``[T]`` int64, ``page * 64 + row``; negative slots are skipped.
+        slot_mapping: ``[T]`` int64, ``page * 64 + row``; negative slots are skipped. Two
+            tokens with one slot leave that row undefined (they are written concurrently).
         pow2_scale: round each token's scale ``amax / 448`` up to a power of two, as
             DeepSeek-V3.2 does.
     """
@@ -233,7 +234,8 @@ def mla_kv_cache_insert(
     Args:
         kv_c: ``[T, 512]`` bfloat16 latent; k_pe: ``[T, 64]`` bfloat16 rope part.
         kv_cache: bfloat16 ``[pages, 64, 1, 576]`` or uint8 ``[pages, 64, 1, 656]``.
-        slot_mapping: ``[T]`` int64, ``page * 64 + row``; negative slots are skipped.
+        slot_mapping: ``[T]`` int64, ``page * 64 + row``; negative slots are skipped. Two
+            tokens with one slot leave that row undefined (they are written concurrently).
         pow2_scale: FP8 only: round each 128-value scale ``amax / 448`` up to a power of two.
     """
     _ops.mla_kv_cache_insert(kv_c, k_pe, kv_cache, slot_mapping, pow2_scale)

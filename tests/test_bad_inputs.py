@@ -112,6 +112,7 @@ CASES = [
     (("topk",), "row_starts-noncontig", edit(row_starts=lambda a: every_other_column(a["row_starts"])), "row_starts", False),
     (("topk",), "row_ends-alone", edit(row_starts=lambda a: None), "row_starts", False),
     (("topk",), "out-dtype", edit(out=lambda a: torch.empty(5, 8, dtype=torch.int64, device=a["logits"].device)), "out", False),
+    (("topk",), "out-rows-overlap", edit(out=lambda a: torch.empty(12, dtype=torch.int32, device=a["logits"].device).as_strided((5, 8), (1, 1))), "out", False),
     (("topk",), "row_starts-after-end", set_item("row_starts", 1, 21), "row_starts", True),
     (("topk",), "row_ends-past-C", set_item("row_ends", 0, 51), "row_ends", True),
     (("topk",), "row_starts-negative", set_item("row_starts", 4, -1), "row_starts", True),
@@ -130,6 +131,8 @@ CASES = [
     (("sparse_mla_prefill",), "indices-below-minus1", set_item("indices", (0, 0), -2), "indices", True),
     (("sparse_mla_prefill",), "sm_scale-zero", edit(sm_scale=lambda a: 0.0), "sm_scale", False),
     (("sparse_mla_prefill",), "sm_scale-nan", edit(sm_scale=lambda a: math.nan), "sm_scale", False),
+    (("sparse_mla_prefill", "sparse_mla_decode"), "sm_scale-float-underflow", edit(sm_scale=lambda a: 1e-50), "sm_scale", False),
+    (("sparse_mla_prefill", "sparse_mla_decode"), "sm_scale-float-overflow", edit(sm_scale=lambda a: 1e39), "sm_scale", False),
     (("sparse_mla_prefill",), "d_v", edit(d_v=lambda a: 128), "d_v", False),
     (("sparse_mla_prefill",), "out-dtype", edit(out=lambda a: torch.empty(3, 16, 512, device=a["q"].device),
                                                 lse=lambda a: torch.empty(3, 16, device=a["q"].device)), "out", False),
@@ -183,6 +186,24 @@ def test_every_op_has_cases():
 @pytest.mark.parametrize("op", sorted(SMALL_ARGS))
 def test_valid_arguments_pass(op, device):
     call(op, SMALL_ARGS[op](device))
+
+
+# Inputs read row by row take any row stride, 0 included (one row broadcast to every row): the
+# same result as the materialised rows.
+BROADCAST_ROWS = [("topk", "logits"), ("indexer_logits_paged", "block_table"),
+                  ("indexer_topk_paged", "block_table"), ("sparse_mla_decode", "block_table"),
+                  ("mla_kv_cache_insert", "k_pe")]
+
+
+@pytest.mark.parametrize("op,name", BROADCAST_ROWS)
+def test_inputs_with_broadcast_rows(device, op, name):
+    def run(rows):
+        args = SMALL_ARGS[op](device)
+        args[name] = rows(args[name][:1].expand_as(args[name]))
+        assert args[name].stride(0) == 0 or args[name].is_contiguous()
+        return written_by(op, args)
+    for got, want in zip(run(lambda t: t), run(lambda t: t.contiguous()), strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
 
 
 @pytest.mark.parametrize("op,mutate,name", STRUCTURAL)
@@ -343,3 +364,39 @@ def test_disjoint_views_of_one_storage_are_accepted(device, op, written, read):
     args[read], args[written] = share_storage(args[read], args[written], gap=16)
     for got, want in zip(written_by(op, args), expected, strict=True):
         torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
+
+
+# ---- CUDA only: views that start off a 16-byte boundary, where the kernels move rows in 16-byte
+# vectors (the CPU path takes any address)
+
+ALIGNED = [("indexer_logits", "q"), ("indexer_logits", "k"), ("indexer_topk", "q"),
+           ("indexer_topk", "k"), ("indexer_logits_paged", "q"), ("indexer_logits_paged", "kv_cache"),
+           ("indexer_topk_paged", "q"), ("indexer_topk_paged", "kv_cache"),
+           ("sparse_mla_prefill", "q"), ("sparse_mla_prefill", "kv"), ("sparse_mla_prefill", "out"),
+           ("sparse_mla_decode", "q"), ("sparse_mla_decode", "kv_cache"),
+           ("sparse_mla_decode", "out"), ("indexer_k_quant_and_cache", "kv_cache"),
+           ("mla_kv_cache_insert", "kv_cache")]
+
+
+def eight_bytes_in(t: torch.Tensor) -> torch.Tensor:
+    """The same values in a view that starts 8 bytes into its allocation."""
+    buf = torch.empty(t.nbytes + 16, dtype=torch.uint8, device=t.device)
+    return buf[8:8 + t.nbytes].view(t.dtype).view(t.shape).copy_(t)
+
+
+@gpu
+@pytest.mark.parametrize("op,name", ALIGNED)
+def test_misaligned_views_are_rejected_on_cuda(op, name):
+    args = with_outputs(op, SMALL_ARGS[op]("cuda"))
+    args[name] = eight_bytes_in(args[name])
+    with pytest.raises(RuntimeError, match=re.escape(f"'{name}' must start at a 16-byte aligned")):
+        call(op, args)
+
+
+@pytest.mark.parametrize("op", ["indexer_logits_paged", "indexer_topk_paged", "sparse_mla_decode"])
+def test_next_n_out_of_range_names_the_dimension(device, op):
+    args = SMALL_ARGS[op](device)
+    q = args["q"]
+    args["q"] = torch.zeros(q.shape[0], 5, *q.shape[2:], dtype=q.dtype, device=q.device)
+    with pytest.raises(RuntimeError, match=re.escape("'q' next_n (dimension 1) must be in [1, 4], got 5")):
+        call(op, args)

@@ -448,6 +448,23 @@ def test_paged_clamps_lengths():
     assert_logits_match(out, want)
 
 
+def test_paged_topk_pads_past_the_table():
+    """indexer_topk_paged on lengths past the block table (CUDA does not check them): a position
+    the table cannot hold is never selected (it scores -inf); its row is -1 padded instead."""
+    gen = make_gen(48)
+    inp = Paged(gen, [400, 200, 64], 3, 32, 128, spare_cols=0, extra_len=0)
+    inp.max_context_len = 300
+    inp.context_lens[2] = 200
+    inp.block_table = inp.block_table[:, :1].clone()  # one page: positions 0-63
+    k = 100
+    got = ops.indexer_topk_paged(*inp.args(), k, sorted=False).cpu()
+    for b, length in enumerate(inp.context_lens.tolist()):
+        for j in range(inp.next_n):
+            end = min(max(length - inp.next_n + j + 1, 0), inp.max_context_len, PAGE)
+            want = torch.cat([torch.arange(end), torch.full((k - end,), -1)]).int()
+            assert torch.equal(got[b * inp.next_n + j], want), (b, j)
+
+
 def test_paged_long_context():
     gen = make_gen(53)
     inp = Paged(gen, [20000, 13000, 70, 33333], 1, 64, 128)

@@ -56,6 +56,7 @@ void indexer_k_quant_and_cache(const at::Tensor& k, const at::Tensor& kv_cache,
   p.num_pages = kv_cache.size(0);
   p.pow2_scale = pow2_scale;
   if (k.is_cuda()) {
+    c.aligned_16("kv_cache", kv_cache);
     launch_on_device_of(k, [&](cudaStream_t s) { return cuda::indexer_k_cache_insert(p, s); });
   } else {
     cpu::indexer_k_cache_insert(p);
@@ -100,6 +101,7 @@ void mla_kv_cache_insert(const at::Tensor& kv_c, const at::Tensor& k_pe,
   p.num_pages = kv_cache.size(0);
   p.pow2_scale = pow2_scale;
   if (kv_c.is_cuda()) {
+    c.aligned_16("kv_cache", kv_cache);
     launch_on_device_of(kv_c, [&](cudaStream_t s) { return cuda::mla_kv_cache_insert(p, s); });
   } else {
     cpu::mla_kv_cache_insert(p);

@@ -5,6 +5,7 @@
 #include <ATen/ATen.h>
 #include <ATen/MemoryOverlap.h>
 
+#include <cstdint>
 #include <initializer_list>
 #include <sstream>
 #include <string>
@@ -46,9 +47,11 @@ class ArgCheck {
                 "}, got ", value);
   }
 
-  void in_range(const char* name, int64_t value, int64_t lo, int64_t hi) const {
-    TORCH_CHECK(value >= lo && value <= hi, prefix(name), "must be in [", lo, ", ", hi, "], got ",
-                value);
+  // `what` names the part of the argument that is out of range ("" for the argument itself).
+  void in_range(const char* name, int64_t value, int64_t lo, int64_t hi,
+                const char* what = "") const {
+    TORCH_CHECK(value >= lo && value <= hi, prefix(name), what, what[0] ? " " : "",
+                "must be in [", lo, ", ", hi, "], got ", value);
   }
 
   void contiguous(const char* name, const at::Tensor& t) const {
@@ -57,11 +60,18 @@ class ArgCheck {
   }
 
   // Row-major rows with a possibly padded row stride: what TMA and vector loads need.
+  // A matrix read row by row: contiguous rows at any row stride (0 broadcasts one row).
   void unit_column_stride(const char* name, const at::Tensor& t) const {
     TORCH_CHECK(t.size(1) <= 1 || t.stride(1) == 1, prefix(name),
                 "must have unit stride in its last dimension, got strides ", t.strides());
-    TORCH_CHECK(t.size(0) <= 1 || t.stride(0) >= t.size(1), prefix(name),
-                "rows must not overlap: row stride ", t.stride(0), " < row length ", t.size(1));
+  }
+
+  // The CUDA kernels move rows in 16-byte vectors (cp.async, TMA, st.v4): a view starting inside
+  // an allocation must keep that alignment.
+  void aligned_16(const char* name, const at::Tensor& t) const {
+    TORCH_CHECK(t.numel() == 0 || reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 == 0,
+                prefix(name), "must start at a 16-byte aligned address on CUDA, got a view at ",
+                t.const_data_ptr(), " (storage offset ", t.storage_offset(), ")");
   }
 
   void same_device(const char* name, const at::Tensor& t, const at::Tensor& ref,
@@ -103,6 +113,9 @@ class ArgCheck {
     same_device(name, out, ref, ref_name);
     if (shape.size() == 2) {
       unit_column_stride(name, out);
+      TORCH_CHECK(out.size(0) <= 1 || out.stride(0) >= out.size(1), prefix(name),
+                  "rows must not overlap: row stride ", out.stride(0), " < row length ",
+                  out.size(1));
     } else {
       contiguous(name, out);
     }

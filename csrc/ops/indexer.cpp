@@ -69,7 +69,7 @@ IndexerLogitsPagedParams paged_params(const ArgCheck& c, const at::Tensor& q,
   c.tensor("context_lens", context_lens, at::kInt, 1);
   c.tensor("block_table", block_table, at::kInt, 2);
   const int64_t B = q.size(0), next_n = q.size(1), H = q.size(2), D = q.size(3);
-  c.in_range("q", next_n, 1, kMaxNextN);
+  c.in_range("q", next_n, 1, kMaxNextN, "next_n (dimension 1)");
   c.one_of("q", "heads (dimension 2)", H, kIndexerHeads);
   c.one_of("q", "head dim (dimension 3)", D, kIndexerHeadDims);
   c.size("kv_cache", kv_cache, 1, kPageSize, "page size");
@@ -126,10 +126,7 @@ IndexerLogitsPagedParams paged_params(const ArgCheck& c, const at::Tensor& q,
 // 32-bit row coordinates. Contiguous tensors from the caching allocator always qualify; a view
 // with an odd storage offset does not.
 void check_tma_operand(const ArgCheck& c, const char* name, const at::Tensor& t, int64_t rows) {
-  TORCH_CHECK(t.numel() == 0 || reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 == 0,
-              c.prefix(name),
-              "must start at a 16-byte aligned address on CUDA, got storage offset ",
-              t.storage_offset());
+  c.aligned_16(name, t);
   TORCH_CHECK(rows <= INT32_MAX, c.prefix(name),
               "must have at most 2^31 - 1 rows of D values on CUDA, got ", rows);
 }
@@ -162,10 +159,14 @@ void chunked_indexer_topk_paged_cuda(const IndexerTopkPagedParams& p, const at::
   const int64_t batches = std::min<int64_t>(all.B, std::max<int64_t>(1, rows_per_chunk(len) / n));
   const at::Tensor scores = at::empty({batches * n, len}, q.options().dtype(at::kFloat));
   // Row (b, j) sees [0, len_b - next_n + j + 1): its end bounds the selection, so positions past
-  // it (scored -inf) are never selected in place of -1 padding.
+  // it (scored -inf) are never selected in place of -1 padding. Lengths past the block table
+  // (rejected on the CPU) are cut at its last page the same way. In 64 bits: a length near
+  // INT32_MIN must not wrap.
+  const int64_t table_positions = int64_t{all.max_pages_per_seq} * kPageSize;
   const at::Tensor row_ends =
-      (context_lens.unsqueeze(1) + at::arange(1 - n, 1, context_lens.options()))
-          .clamp(0, len)
+      (context_lens.to(at::kLong).unsqueeze(1) +
+       at::arange(1 - n, 1, context_lens.options().dtype(at::kLong)))
+          .clamp(0, std::min(len, table_positions))
           .to(at::kInt)
           .contiguous();
   launch_on_device_of(q, [&](cudaStream_t stream) {

@@ -3,9 +3,9 @@
 // kernels mask out-of-range indices and block-table entries instead (csrc/sparse_mla/).
 #include <ATen/ATen.h>
 
-#include <cmath>
 #include <cstdint>
 #include <initializer_list>
+#include <limits>
 #include <vector>
 #include <utility>
 
@@ -19,8 +19,13 @@ namespace indexcache::ops {
 namespace {
 
 void check_scalars(const ArgCheck& c, double sm_scale, int64_t d_v) {
-  TORCH_CHECK(std::isfinite(sm_scale) && sm_scale > 0, c.prefix("sm_scale"),
-              "must be a finite positive number, got ", sm_scale);
+  // The kernels take it as a float (flushing subnormals): a double that becomes 0 or inf there
+  // would turn the softmax into NaN.
+  TORCH_CHECK(sm_scale >= std::numeric_limits<float>::min() &&
+                  sm_scale <= std::numeric_limits<float>::max(),
+              c.prefix("sm_scale"), "must be a positive normal float (in [",
+              std::numeric_limits<float>::min(), ", ", std::numeric_limits<float>::max(),
+              "]), got ", sm_scale);
   TORCH_CHECK(d_v == kMlaDimLatent, c.prefix("d_v"), "must be ", kMlaDimLatent,
               " (the latent rows are V), got ", d_v);
 }
@@ -47,14 +52,6 @@ template <class Params>
 void set_outputs(Params& p, const at::Tensor& out, const at::Tensor& lse) {
   p.out = static_cast<uint16_t*>(out.data_ptr());
   p.lse = lse.data_ptr<float>();
-}
-
-// The CUDA kernels move q and KV rows in 16-byte vectors and store out in 8-byte vectors: a view
-// starting inside an allocation must keep that alignment.
-void check_cuda_alignment(const ArgCheck& c, const char* name, const at::Tensor& t) {
-  TORCH_CHECK(reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0, c.prefix(name),
-              "must start at a 16-byte aligned address on CUDA, got a view at ", t.data_ptr(),
-              " (storage offset ", t.storage_offset(), ")");
 }
 
 // Runs a CUDA launcher with its split-k scratch (cuda::sparse_mla_workspace_bytes, a function of
@@ -122,7 +119,7 @@ std::tuple<at::Tensor, at::Tensor> sparse_mla_prefill(const at::Tensor& q, const
   p.sm_scale = static_cast<float>(sm_scale);
   if (q.is_cuda()) {
     for (const auto& [name, t] : {std::pair{"q", &q}, {"kv", &kv}, {"out", &out}}) {
-      check_cuda_alignment(c, name, *t);
+      c.aligned_16(name, *t);
     }
     launch_with_workspace(q, S, p, [](const SparseMlaPrefillParams& params, cudaStream_t s) {
       return cuda::sparse_mla_prefill(params, s);
@@ -147,7 +144,7 @@ std::tuple<at::Tensor, at::Tensor> sparse_mla_decode(const at::Tensor& q,
   c.tensor("indices", indices, at::kInt, 3);
   c.tensor("block_table", block_table, at::kInt, 2);
   const int64_t B = q.size(0), next_n = q.size(1), Hq = q.size(2), topk = indices.size(2);
-  c.in_range("q", next_n, 1, kMaxNextN);
+  c.in_range("q", next_n, 1, kMaxNextN, "next_n (dimension 1)");
   c.one_of("q", "heads (dimension 2)", Hq, kMlaHeads);
   c.size("q", q, 3, kMlaDimQK, "the MLA query dim 512 + 64");
   c.size("kv_cache", kv_cache, 1, kPageSize, "page size");
@@ -210,7 +207,7 @@ std::tuple<at::Tensor, at::Tensor> sparse_mla_decode(const at::Tensor& q,
   p.sm_scale = static_cast<float>(sm_scale);
   if (q.is_cuda()) {
     for (const auto& [name, t] : {std::pair{"q", &q}, {"kv_cache", &kv_cache}, {"out", &out}}) {
-      check_cuda_alignment(c, name, *t);
+      c.aligned_16(name, *t);
     }
     launch_with_workspace(q, B * next_n, p,
                           [](const SparseMlaDecodeParams& params, cudaStream_t s) {
