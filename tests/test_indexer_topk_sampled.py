@@ -223,3 +223,79 @@ def test_sampled_cuda_graph_replays_new_inputs_and_windows(gen, sampled):
         graph.replay()
         torch.cuda.synchronize()
         assert_topk_equal(out, two_kernel(x, topk), sorted_=False)
+
+
+# ---- paths the shapes above do not reach (session 18's review)
+
+
+@gpu
+@pytest.mark.parametrize("windows", ["random", "full"])
+def test_sampled_windows_longer_than_the_staged_sample(gen, sampled, windows):
+    # Windows of up to ~200 K keys: the threshold reads its > 4096 sampled scores from global
+    # memory, and the unsorted select covers windows past its 131072-key bitmap.
+    S, N, topk = 37, 200_003, MAX_TOPK
+    x = move(indexer_inputs(gen, S, N, HEADS, 128, windows), "cuda")
+    for sorted_ in (True, False):
+        out = poisoned((S, topk), torch.int32, "cuda", row_pad=1)
+        ops.indexer_topk(*x.args(), topk, sorted=sorted_, out=out)
+        assert_padding_untouched(out)
+        assert_topk_equal(out, two_kernel(x, topk, sorted_), sorted_=sorted_)
+
+
+@gpu
+def test_sampled_special_values(gen, sampled):
+    # NaN and inf key scales, inf and -inf weights (rows of inf and NaN scores): the scores are
+    # the two-kernel path's bit for bit, so the selection must be too.
+    S, N, topk = 64, 30000, MAX_TOPK
+    x = indexer_inputs(gen, S, N, HEADS, 128, "random")
+    x.k_scale[::97] = float("nan")
+    x.k_scale[5::101] = float("inf")
+    x.weights[3] = float("inf")
+    x.weights[4] = -float("inf")
+    x.weights[5, ::2] = float("nan")
+    x = move(x, "cuda")
+    for sorted_ in (True, False):
+        got = ops.indexer_topk(*x.args(), topk, sorted=sorted_)
+        assert_topk_equal(got, two_kernel(x, topk, sorted_), sorted_=sorted_)
+
+
+@gpu
+def test_sampled_clamps_device_windows(gen, sampled):
+    # Starts below 0, ends past N, ends before starts: clamped on the device like the two-kernel
+    # path's (no host check on CUDA).
+    S, N, topk = 300, 40000, MAX_TOPK
+    x = indexer_inputs(gen, S, N, HEADS, 128, "full")
+    x.ks = torch.randint(-2 * N, N + 5, (S,), generator=gen).int()
+    x.ke = torch.randint(-5, 2 * N, (S,), generator=gen).int()
+    x = move(x, "cuda")
+    assert_topk_equal(ops.indexer_topk(*x.args(), topk, sorted=True), two_kernel(x, topk),
+                      sorted_=True)
+
+
+@gpu
+@pytest.mark.parametrize("window", [CAP - 1, CAP, CAP + 1])
+def test_sampled_equal_scores_at_the_candidate_cap(gen, sampled, window):
+    # Every score equal, windows around the 6144 candidates a row can hold: the answer is the
+    # first k keys of each window, whichever route gives it.
+    S, N, topk = 40, 3 * CAP, MAX_TOPK
+    x = monotone_inputs(gen, S, N, HEADS, None, "full")
+    x.ks = torch.randint(0, N - window, (S,), generator=gen).int()
+    x.ke = x.ks + window
+    got = ops.indexer_topk(*move(x, "cuda").args(), topk, sorted=True).cpu()
+    assert_topk_equal(got, expected_by_position(x.ks, x.ke, topk, from_end=False), sorted_=True)
+
+
+@gpu
+def test_sampled_misled_row_in_a_later_chunk(gen, sampled):
+    # The sampled stages run over chunks of rows (~2340 at N = 64 K): a misled row of the second
+    # chunk must still send the call to the fallback.
+    S, N, topk = 2600, 65536, MAX_TOPK
+    x = indexer_inputs(gen, S, N, HEADS, 128, "full")
+    q = x.q.float().abs().clamp_min(0.25).to(x.q.dtype)
+    k = x.k.float().abs().clamp_min(0.25).to(x.k.dtype)
+    x = Indexer(q, k, misleading_scales(gen, N, True), x.weights.abs() + 1e-3, x.ks, x.ke)
+    x.ks[:] = N - 3000  # too short for a threshold: every key kept, answered by the sampled route
+    x.ks[2500] = 0
+    x = move(x, "cuda")
+    out = ops.indexer_topk(*x.args(), topk, sorted=False)
+    assert_topk_equal(out, two_kernel(x, topk, False), sorted_=False)
