@@ -465,6 +465,28 @@ def test_paged_topk_pads_past_the_table():
             assert torch.equal(got[b * inp.next_n + j], want), (b, j)
 
 
+def test_paged_topk_over_several_chunks():
+    """More score rows than one 128 MiB workspace holds (33 rows of ~1 M positions): the batches
+    run in chunks (6 + 5 here), each answered like the two-kernel path over the whole output.
+    The sequences share 64 pages (block-table entries may repeat), so the cache stays small."""
+    gen = make_gen(67)
+    B, n, H, D, P, k = 11, 3, 64, 128, 64, 2048
+    length = (1 << 20) + 77
+    codes = rand_e4m3(gen, P * PAGE, D).view(torch.uint8).view(P, PAGE * D)
+    scales = torch.rand(P, PAGE, generator=gen, device="cuda") * 0.02 + 0.001
+    kv_cache = torch.cat([codes, scales.view(torch.uint8).view(P, PAGE * 4)], dim=1)
+    pages = torch.arange(-(-length // PAGE), device="cuda")
+    table = ((torch.arange(B, device="cuda")[:, None] * 7 + pages) % P).int()
+    lens = (length - 1000 * torch.arange(B, device="cuda")).int()
+    q = rand_e4m3(gen, B, n, H, D)
+    weights = torch.randn(B * n, H, generator=gen, device="cuda") * (H * D) ** -0.5
+    args = (q, kv_cache.view(P, PAGE, 1, D + 4), weights, lens, table, length)
+    assert B * n * length * 4 > 128 << 20
+    got = ops.indexer_topk_paged(*args, k, sorted=True)
+    want = ops.topk(ops.indexer_logits_paged(*args), k, sorted=True)
+    assert torch.equal(got, want)
+
+
 def test_paged_long_context():
     gen = make_gen(53)
     inp = Paged(gen, [20000, 13000, 70, 33333], 1, 64, 128)

@@ -51,12 +51,6 @@ constexpr int64_t kSampledMinRowWork = int64_t{1} << 21;
 
 int64_t aligned(int64_t bytes) { return (bytes + kAlign - 1) / kAlign * kAlign; }
 
-int64_t balanced_chunk(int64_t rows, int64_t limit) {
-  limit = std::clamp<int64_t>(limit, 1, std::max<int64_t>(rows, 1));
-  const int64_t chunks = (rows + limit - 1) / limit;
-  return (rows + chunks - 1) / chunks;
-}
-
 struct Layout {
   bool sampled;
   int64_t ns;              // sampled keys

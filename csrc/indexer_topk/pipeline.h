@@ -4,6 +4,7 @@
 
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstdint>
 
 #include "indexcache/params.h"
@@ -14,6 +15,16 @@ namespace indexer_topk {
 // Bytes of fp32 scores a bounded-chunk route (this one, and the paged form's in the op layer)
 // holds at once; also the bound of the sampled route's per-chunk workspace.
 constexpr int64_t kScoreWorkspaceBytes = int64_t{128} << 20;
+
+// Units (rows, or batches of rows) per chunk when `units` units are processed in chunks of at
+// most `limit`: at least one, and as even as the bound allows, so that a call never ends with a
+// nearly empty chunk that pays a whole launch sequence (255 + 1 batches became 128 + 128).
+inline int64_t balanced_chunk(int64_t units, int64_t limit) {
+  if (units <= 0) return 0;
+  limit = std::clamp<int64_t>(limit, 1, units);
+  const int64_t chunks = (units + limit - 1) / limit;
+  return (units + chunks - 1) / chunks;
+}
 
 // The radix top-k over `rows` rows of contiguous fp32 scores of `row_len` columns, windows
 // [starts, ends) (nullptr: the whole row), into out; run_if as TopkParams::run_if.

@@ -156,7 +156,7 @@ void chunked_indexer_topk_paged_cuda(const IndexerTopkPagedParams& p, const at::
                                      const at::Tensor& context_lens) {
   const IndexerLogitsPagedParams& all = p.scores;
   const int64_t len = all.max_context_len, n = all.next_n;
-  const int64_t batches = std::min<int64_t>(all.B, std::max<int64_t>(1, rows_per_chunk(len) / n));
+  const int64_t batches = indexer_topk::balanced_chunk(all.B, rows_per_chunk(len) / n);
   const at::Tensor scores = at::empty({batches * n, len}, q.options().dtype(at::kFloat));
   // Row (b, j) sees [0, len_b - next_n + j + 1): its end bounds the selection, so positions past
   // it (scored -inf) are never selected in place of -1 padding. Lengths past the block table
