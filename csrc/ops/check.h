@@ -59,8 +59,8 @@ class ArgCheck {
                 " for shape ", t.sizes());
   }
 
-  // Row-major rows with a possibly padded row stride: what TMA and vector loads need.
-  // A matrix read row by row: contiguous rows at any row stride (0 broadcasts one row).
+  // Rows of contiguous elements at any row stride (padded, or 0 to broadcast one row of an input):
+  // what the row-by-row kernels need. Outputs also need rows that do not overlap (output()).
   void unit_column_stride(const char* name, const at::Tensor& t) const {
     TORCH_CHECK(t.size(1) <= 1 || t.stride(1) == 1, prefix(name),
                 "must have unit stride in its last dimension, got strides ", t.strides());
