@@ -160,12 +160,11 @@ void chunked_indexer_topk_paged_cuda(const IndexerTopkPagedParams& p, const at::
   const at::Tensor scores = at::empty({batches * n, len}, q.options().dtype(at::kFloat));
   // Row (b, j) sees [0, len_b - next_n + j + 1): its end bounds the selection, so positions past
   // it (scored -inf) are never selected in place of -1 padding. Lengths past the block table
-  // (rejected on the CPU) are cut at its last page the same way. In 64 bits: a length near
-  // INT32_MIN must not wrap.
+  // (rejected on the CPU) are cut at its last page the same way. Three small kernels per call;
+  // int64 arithmetic would add two conversions for lengths no valid call has.
   const int64_t table_positions = int64_t{all.max_pages_per_seq} * kPageSize;
   const at::Tensor row_ends =
-      (context_lens.to(at::kLong).unsqueeze(1) +
-       at::arange(1 - n, 1, context_lens.options().dtype(at::kLong)))
+      (context_lens.unsqueeze(1) + at::arange(1 - n, 1, context_lens.options()))
           .clamp(0, std::min(len, table_positions))
           .to(at::kInt)
           .contiguous();
