@@ -468,7 +468,8 @@ def test_paged_topk_pads_past_the_table():
 def test_paged_topk_over_several_chunks():
     """More score rows than one 128 MiB workspace holds (33 rows of ~1 M positions): the batches
     run in chunks (6 + 5 here), each answered like the two-kernel path over the whole output.
-    The sequences share 64 pages (block-table entries may repeat), so the cache stays small."""
+    The sequences share 64 pages (block-table entries may repeat), so the cache stays small;
+    two short sequences in the second chunk (-1 padded rows) check its row mapping."""
     gen = make_gen(67)
     B, n, H, D, P, k = 11, 3, 64, 128, 64, 2048
     length = (1 << 20) + 77
@@ -478,12 +479,15 @@ def test_paged_topk_over_several_chunks():
     pages = torch.arange(-(-length // PAGE), device="cuda")
     table = ((torch.arange(B, device="cuda")[:, None] * 7 + pages) % P).int()
     lens = (length - 1000 * torch.arange(B, device="cuda")).int()
+    lens[8], lens[9] = 1500, 2
     q = rand_e4m3(gen, B, n, H, D)
     weights = torch.randn(B * n, H, generator=gen, device="cuda") * (H * D) ** -0.5
     args = (q, kv_cache.view(P, PAGE, 1, D + 4), weights, lens, table, length)
     assert B * n * length * 4 > 128 << 20
     got = ops.indexer_topk_paged(*args, k, sorted=True)
-    want = ops.topk(ops.indexer_logits_paged(*args), k, sorted=True)
+    ends = (lens[:, None] - n + 1 + torch.arange(n, device="cuda")).clamp(0, length).flatten()
+    want = ops.topk(ops.indexer_logits_paged(*args), k, torch.zeros_like(ends).int(), ends.int(),
+                    sorted=True)
     assert torch.equal(got, want)
 
 

@@ -244,15 +244,19 @@ def test_sampled_windows_longer_than_the_staged_sample(gen, sampled, windows):
 
 @gpu
 def test_sampled_special_values(gen, sampled):
-    # NaN and inf key scales, inf and -inf weights (rows of inf and NaN scores): the scores are
-    # the two-kernel path's bit for bit, so the selection must be too.
+    # NaN and inf key scales, and weights that make whole rows +inf, -inf (1e38 overflows; an
+    # infinite weight would give NaN wherever a head's ReLU is 0) and NaN: the scores are the
+    # two-kernel path's bit for bit, so the selection must be too. Those rows' windows stay
+    # within the candidate cap, so the sampled route answers them (a longer one keeps all its
+    # tied keys and falls back).
     S, N, topk = 64, 30000, MAX_TOPK
     x = indexer_inputs(gen, S, N, HEADS, 128, "random")
     x.k_scale[::97] = float("nan")
     x.k_scale[5::101] = float("inf")
-    x.weights[3] = float("inf")
-    x.weights[4] = -float("inf")
+    x.weights[3] = 1e38
+    x.weights[4] = -1e38
     x.weights[5, ::2] = float("nan")
+    x.ke[3:6] = torch.minimum(x.ke[3:6], x.ks[3:6] + CAP)
     x = move(x, "cuda")
     for sorted_ in (True, False):
         got = ops.indexer_topk(*x.args(), topk, sorted=sorted_)
@@ -287,8 +291,8 @@ def test_sampled_equal_scores_at_the_candidate_cap(gen, sampled, window):
 
 @gpu
 def test_sampled_misled_row_in_a_later_chunk(gen, sampled):
-    # The sampled stages run over chunks of rows (~2340 at N = 64 K): a misled row of the second
-    # chunk must still send the call to the fallback.
+    # The sampled stages run over chunks of rows (at most 2340 at N = 64 K, 1300 + 1300 here): a
+    # misled row of the second chunk must still send the call to the fallback.
     S, N, topk = 2600, 65536, MAX_TOPK
     x = indexer_inputs(gen, S, N, HEADS, 128, "full")
     q = x.q.float().abs().clamp_min(0.25).to(x.q.dtype)
